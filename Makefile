@@ -1,0 +1,38 @@
+# Two commands do everything on a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+DPSYNTH := $(VENV)/bin/dpsynth
+# torch/torchvision pinned to the builds this workplace serves from local disk.
+TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+STAMP := $(VENV)/.installed
+
+.PHONY: install data demo test bench clean
+
+install: $(STAMP) data
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q $(TORCH_SPEC)
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+# Fashion-MNIST offline: Debian's dataset-fashion-mnist when we can install it (root),
+# otherwise torchvision's normal download; then unpacked into the data root.
+data: $(STAMP)
+	@if [ ! -d /usr/share/datasets/fashion-mnist ] && command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+		(apt-get install -y -qq dataset-fashion-mnist >/dev/null 2>&1 || \
+		 (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist >/dev/null)) || true; fi
+	$(PY) -m dpsynth.data.provision fashionmnist
+
+demo: install
+	$(MAKE) -f recipes/demo.mk DPSYNTH=$(abspath $(DPSYNTH)) RUN=runs/demo
+
+test: install
+	$(PY) -m pytest -q tests
+
+bench: install
+	$(PY) benchmarks/dp_step.py
+
+clean:
+	rm -rf runs

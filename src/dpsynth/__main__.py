@@ -1,0 +1,3 @@
+from dpsynth.cli.main import run
+
+run()

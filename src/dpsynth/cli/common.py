@@ -1,0 +1,74 @@
+"""Shared CLI pieces: options, the progress bridge, output, and the error table."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+from typing import Iterator, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from ..rundir import DEFAULT_RUN
+
+out = Console()
+err = Console(stderr=True)
+
+RunOpt = typer.Option(os.environ.get("DPSYNTH_RUN", DEFAULT_RUN), "--run", "-r",
+                      help="Run directory (default $DPSYNTH_RUN or runs/latest).")
+QuietOpt = typer.Option(False, "--quiet", "-q", help="No progress bars.")
+JsonOpt = typer.Option(False, "--json", help="Print machine-readable JSON on stdout.")
+SensitiveOpt = typer.Option(None, "--sensitive", help="Sensitive dataset name, imagefolder:PATH or npz:PATH (new runs).")
+PublicOpt = typer.Option(None, "--public", help="Public dataset name (labelled).")
+MethodOpt = typer.Option(None, "--method", help="Method name (new runs; default privimage-cvae).")
+DataRootOpt = typer.Option(None, "--data-root", help="Dataset root (default $DPSYNTH_DATA or ~/.cache/dpsynth/data).")
+ResolutionOpt = typer.Option(None, "--resolution", help="Image size for the run (default: the sensitive set's).")
+ChannelsOpt = typer.Option(None, "--channels", help="1 or 3 (default: the sensitive set's).")
+LimitOpt = typer.Option(None, "--limit", help="Use a class-stratified subset of this many sensitive images.")
+SeedOpt = typer.Option(0, "--seed", help="Seed for model init and splits (never for DP noise).")
+DeltaOpt = typer.Option(None, "--delta", help="Run's delta (default 1/(N ln N)); fixed once a run exists.")
+
+
+@contextlib.contextmanager
+def progress_bars(quiet: bool) -> Iterator:
+    """Yields a progress(phase, done, total) callback; silent when quiet or not a TTY."""
+    if quiet or not err.is_terminal:
+        yield lambda phase, done, total: None
+        return
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+               TimeRemainingColumn())
+    with Progress(*columns, console=err, transient=False) as bars:
+        tasks: dict[str, int] = {}
+
+        def update(phase: str, done: int, total: int) -> None:
+            if phase not in tasks:
+                tasks[phase] = bars.add_task(phase, total=total)
+            bars.update(tasks[phase], completed=done, total=total)
+
+        yield update
+
+
+def emit(result: dict, as_json: bool, title: str) -> None:
+    if as_json:
+        sys.stdout.write(json.dumps(result, default=str) + "\n")
+        return
+    table = Table(title=title, show_header=True)
+    table.add_column("key")
+    table.add_column("value")
+    for key, value in result.items():
+        table.add_row(str(key), _fmt(value))
+    out.print(table)
+
+
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, list) and value and isinstance(value[0], dict):
+        return "; ".join(", ".join(f"{k}={v}" for k, v in item.items()) for item in value)
+    return str(value)
+
+

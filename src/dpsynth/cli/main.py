@@ -1,0 +1,47 @@
+"""Console entry point: runs the Typer app and turns library errors into one line, exit 2."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from ..errors import DpsynthError
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .app import app
+
+    try:
+        app(args=argv, standalone_mode=False, prog_name="dpsynth")
+    except DpsynthError as exc:
+        if os.environ.get("DPSYNTH_DEBUG"):
+            raise
+        sys.stderr.write(f"error: {exc}\n")
+        return 2
+    except KeyboardInterrupt:
+        sys.stderr.write("error: interrupted\n")
+        return 130
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    except Exception as exc:  # click usage errors arrive here with standalone_mode=False
+        usage = _usage_error(exc)
+        if usage is None or os.environ.get("DPSYNTH_DEBUG"):
+            raise
+        sys.stderr.write(f"error: {usage}\n")
+        return 2
+    return 0
+
+
+def _usage_error(exc: Exception) -> str | None:
+    # Typer re-exports click's exception classes; we only read their public message.
+    format_message = getattr(exc, "format_message", None)
+    if callable(format_message) and getattr(exc, "exit_code", None) == 2:
+        message = " ".join(format_message().split())
+        ctx = getattr(exc, "ctx", None)
+        command = f" (see 'dpsynth {ctx.info_name} --help')" if ctx is not None and ctx.info_name != "dpsynth" else ""
+        return message + command
+    return None
+
+
+def run() -> None:
+    sys.exit(main())

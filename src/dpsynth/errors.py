@@ -1,0 +1,29 @@
+"""Exceptions the CLI turns into one-line messages with exit code 2.
+
+Library code raises these and never exits the process; `dpsynth.cli.main` maps
+every `DpsynthError` to `error: <message>` on stderr and exit status 2.
+"""
+
+
+class DpsynthError(Exception):
+    """Base class: bad input or a refused operation, reported in one line."""
+
+
+class BadInput(DpsynthError):
+    """A flag or value outside what is allowed (names the value and the allowed range)."""
+
+
+class DatasetNotFound(DpsynthError):
+    """A named dataset whose files are absent; the message says where they must go."""
+
+
+class RunDirError(DpsynthError):
+    """A run directory that is missing, locked, corrupt or from another version."""
+
+
+class IntegrityError(DpsynthError):
+    """An artifact whose sha256 no longer matches the manifest."""
+
+
+class BudgetExhausted(DpsynthError):
+    """The privacy ledger cannot fit the requested mechanism within the target epsilon."""

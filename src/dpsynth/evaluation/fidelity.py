@@ -1,0 +1,184 @@
+"""FID and KID through clean-fid, on a named feature network.
+
+Inception weights cannot be fetched here, so distances are computed on a
+domain feature network passed in by the caller. Its name travels with every
+figure: a number from another network is not comparable to Inception FID, and
+a report must never present it as such.
+
+clean-fid is used for what it defines: its resizer (PIL bicubic on float
+channels, the "clean" mode filter), its batch feature extraction, and its
+`frechet_distance` / `kernel_distance`. Its folder-reading front end is
+bypassed because our images are already in memory as uint8 tensors; the batch
+we build matches what its `ResizeDataset` yields (float32 RGB in [0, 255]).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import platform
+import warnings
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from cleanfid import fid as cleanfid_fid
+from cleanfid.resize import make_resizer
+
+from dpsynth.errors import BadInput
+from dpsynth.evaluation.checks import check_images
+
+Progress = Callable[[str, int, int], None]
+
+# Where clean-fid 0.1.x keeps its torchscript Inception (hard-coded in
+# cleanfid.features.feature_extractor); it downloads there when the file is missing.
+_INCEPTION_FILE = "inception-2015-12-05.pt"
+
+
+@dataclass
+class FeatureNetwork:
+    name: str  # identity stored with every figure, e.g. "querynet-mnist5k-28px:sha256:abcd1234"
+    extractor: Callable[[torch.Tensor], torch.Tensor]  # float (N,3,H,W) in [0,255] -> (N,D)
+    resolution: int | None = None  # clean-fid resize target; None keeps the images' own size
+
+
+def inception_available() -> bool:
+    """True when clean-fid's Inception weights are already on disk; never downloads."""
+    folder = "./" if platform.system() == "Windows" else "/tmp"
+    path = os.path.join(folder, _INCEPTION_FILE)
+    return os.path.isfile(path) and os.path.getsize(path) > 0
+
+
+def make_feature_network(
+    module: nn.Module, name: str, input_channels: int, resolution: int, device: str | torch.device = "cpu"
+) -> FeatureNetwork:
+    """Wrap `module` (normalised [-1,1] images -> features) in clean-fid's [0,255] RGB convention.
+
+    The module is moved to `device` and always run in eval mode without gradients.
+    """
+    if input_channels not in (1, 3):
+        raise BadInput(f"input_channels must be 1 or 3, got {input_channels}")
+    if resolution < 1:
+        raise BadInput(f"resolution must be >= 1, got {resolution}")
+    if not name:
+        raise BadInput("feature network name must be non-empty; it labels every FID/KID figure")
+    device = torch.device(device)
+    module = module.to(device)
+
+    def extract(batch: torch.Tensor) -> torch.Tensor:
+        x = batch.to(device=device, dtype=torch.float32)
+        if input_channels == 1:
+            # ITU-R 601 luma (PIL's "L"); returns the original value for repeated grey channels.
+            x = 0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]
+        if tuple(x.shape[-2:]) != (resolution, resolution):
+            # Normally clean-fid has resized already; this only guards direct calls.
+            x = F.interpolate(x, size=(resolution, resolution), mode="bicubic", align_corners=False, antialias=True)
+            x = x.clamp(0.0, 255.0)
+        x = x / 127.5 - 1.0
+        module.eval()
+        with torch.no_grad():
+            return module(x).flatten(1).float()
+
+    return FeatureNetwork(name=name, extractor=extract, resolution=resolution)
+
+
+def _as_clean_fid_batch(images: torch.Tensor, resizer) -> torch.Tensor:
+    """uint8 (N,C,H,W) -> float32 RGB (N,3,H',W') in [0,255], as clean-fid's ResizeDataset yields."""
+    if images.shape[1] == 1:
+        images = images.repeat(1, 3, 1, 1)
+    if resizer is None:
+        return images.float()
+    hwc = images.permute(0, 2, 3, 1).numpy()
+    resized = [torch.from_numpy(np.ascontiguousarray(resizer(img))).permute(2, 0, 1) for img in hwc]
+    return torch.stack(resized).float()
+
+
+def _features(images, net: FeatureNetwork, device, batch_size, progress, phase) -> np.ndarray:
+    size = net.resolution
+    needs_resize = size is not None and tuple(images.shape[-2:]) != (size, size)
+    resizer = make_resizer("PIL", False, "bicubic", (size, size)) if needs_resize else None
+    n = images.shape[0]
+    total = -(-n // batch_size)
+    chunks = []
+    for done, start in enumerate(range(0, n, batch_size), start=1):
+        batch = _as_clean_fid_batch(images[start : start + batch_size].cpu(), resizer)
+        feats = cleanfid_fid.get_batch_features(batch, net.extractor, device)
+        chunks.append(feats.reshape(feats.shape[0], -1))
+        if progress is not None:
+            progress(phase, done, total)
+    feats = np.concatenate(chunks).astype(np.float64)
+    if feats.shape[0] != n:
+        raise BadInput(f"feature network {net.name!r} returned {feats.shape[0]} rows for {n} images")
+    if not np.isfinite(feats).all():
+        raise BadInput(f"feature network {net.name!r} produced non-finite features")
+    return feats
+
+
+def _frechet(real: np.ndarray, fake: np.ndarray) -> float:
+    mu1, sigma1 = real.mean(axis=0), np.cov(real, rowvar=False)
+    mu2, sigma2 = fake.mean(axis=0), np.cov(fake, rowvar=False)
+    # clean-fid prints its singular-covariance notice; keep stdout clean for the CLI.
+    # Its sqrtm(..., disp=False) call also trips a SciPy>=1.17 deprecation that is not ours to fix.
+    captured = io.StringIO()
+    with contextlib.redirect_stdout(captured), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*`disp` argument is deprecated", category=DeprecationWarning)
+        value = cleanfid_fid.frechet_distance(mu1, sigma1, mu2, sigma2)
+    if captured.getvalue().strip():
+        warnings.warn(captured.getvalue().strip(), RuntimeWarning, stacklevel=3)
+    return float(value)
+
+
+def _kernel(real: np.ndarray, fake: np.ndarray, seed: int) -> float:
+    # kernel_distance draws subsets from NumPy's global RNG: seed it for
+    # reproducible figures, then restore it so callers' streams are unaffected.
+    state = np.random.get_state()
+    try:
+        np.random.seed(seed)
+        return float(cleanfid_fid.kernel_distance(real, fake))
+    finally:
+        np.random.set_state(state)
+
+
+def compute_fidelity(
+    real_images: torch.Tensor,
+    fake_images: torch.Tensor,
+    feature_net: FeatureNetwork,
+    *,
+    device: str | torch.device = "cpu",
+    batch_size: int = 256,
+    kid: bool = True,
+    kid_seed: int = 0,
+    progress: Progress | None = None,
+) -> dict:
+    """FID (and KID) between two uint8 image sets on `feature_net`.
+
+    Returns {"fid", "kid" (None when kid=False), "feature_network", "n_real", "n_fake"}.
+    """
+    check_images(real_images, "real_images")
+    check_images(fake_images, "fake_images")
+    if not isinstance(feature_net, FeatureNetwork) or not feature_net.name:
+        raise BadInput("feature_net must be a FeatureNetwork with a non-empty name")
+    if batch_size < 1:
+        raise BadInput(f"batch_size must be >= 1, got {batch_size}")
+    for what, imgs in (("real_images", real_images), ("fake_images", fake_images)):
+        if imgs.shape[0] < 2:
+            raise BadInput(f"{what} has {imgs.shape[0]} image(s); FID needs at least 2 per set")
+    device = torch.device(device)
+
+    real = _features(real_images, feature_net, device, batch_size, progress, "features-real")
+    fake = _features(fake_images, feature_net, device, batch_size, progress, "features-fake")
+    if real.shape[1] != fake.shape[1]:
+        raise BadInput(f"feature dims differ: real {real.shape[1]} vs fake {fake.shape[1]}")
+
+    result = {
+        "fid": _frechet(real, fake),
+        "kid": _kernel(real, fake, kid_seed) if kid else None,
+        "feature_network": feature_net.name,
+        "n_real": int(real.shape[0]),
+        "n_fake": int(fake.shape[0]),
+    }
+    return result

@@ -1,0 +1,291 @@
+"""The run directory: `manifest.yaml` (single source of truth), artifacts, and a lock.
+
+Like a DVC stage lock: every stage records its resolved config, command line, versions,
+start/end, status and the sha256 of what it read and wrote. Every file is written to a
+temporary name in the same directory and renamed into place, so a crash leaves either
+the old or the new file, never half of one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import hashlib
+import io
+import os
+import platform
+import secrets
+import sys
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import yaml
+
+from . import __version__
+from .errors import IntegrityError, RunDirError
+from .privacy.events import SCHEMA_VERSION as EVENT_SCHEMA_VERSION
+from .privacy.events import PrivacyEvent, event_from_dict
+from .errors import BadInput
+from .privacy.accountant import EpsilonBounds
+
+MANIFEST = "manifest.yaml"
+LOCK = ".lock"
+MANIFEST_SCHEMA_VERSION = 1
+DEFAULT_RUN = "runs/latest"
+
+
+def now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> str:
+    """Write via temp file + fsync + rename; returns the sha256 of `data`."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return hashlib.sha256(data).hexdigest()
+
+
+def package_versions() -> dict[str, str]:
+    from importlib import metadata
+
+    versions = {"python": platform.python_version(), "dpsynth": __version__}
+    for name in ("torch", "torchvision", "opacus", "prv-accountant", "clean-fid", "numpy"):
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "absent"
+    return versions
+
+
+class RunDir:
+    """A run directory; construct with `RunDir.open` (must exist) or `RunDir.create`."""
+
+    def __init__(self, path: Path, manifest: dict):
+        self.path = Path(path)
+        self.manifest = manifest
+
+    # ---- opening ------------------------------------------------------------------------
+    @classmethod
+    def open(cls, path: str | Path) -> "RunDir":
+        path = Path(path)
+        manifest_path = path / MANIFEST
+        if not manifest_path.is_file():
+            raise RunDirError(f"run directory {path} has no {MANIFEST}; run 'dpsynth select-public' or "
+                              f"'dpsynth pretrain' with --run {path} first")
+        try:
+            manifest = yaml.safe_load(manifest_path.read_text())
+        except (yaml.YAMLError, UnicodeDecodeError) as exc:
+            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise RunDirError(f"manifest {manifest_path} is corrupt (not valid YAML: {first}); "
+                              f"it was left untouched") from None
+        validate_manifest(manifest, manifest_path)
+        return cls(path, manifest)
+
+    @classmethod
+    def exists(cls, path: str | Path) -> bool:
+        return (Path(path) / MANIFEST).is_file()
+
+    @classmethod
+    def create(cls, path: str | Path, *, method: str, sensitive: dict, public: dict | None,
+               delta: float, settings: dict) -> "RunDir":
+        """A new manifest in memory; nothing is written until `save` (inside `lock`)."""
+        path = Path(path)
+        if (path / MANIFEST).exists():
+            raise RunDirError(f"run directory {path} already has a manifest")
+        if path.exists() and not path.is_dir():
+            raise RunDirError(f"--run {path} exists and is not a directory")
+        manifest = {
+            "schema_version": MANIFEST_SCHEMA_VERSION,
+            "dpsynth_version": __version__,
+            "run_id": f"{_dt.datetime.now(_dt.timezone.utc):%Y%m%d-%H%M%S}-{secrets.token_hex(3)}",
+            "created": now(),
+            "method": method,
+            "settings": settings,
+            "sensitive": sensitive,
+            "public": public,
+            "privacy": {"delta": float(delta), "epsilon": 0.0, "accountant": "prv",
+                        "event_schema_version": EVENT_SCHEMA_VERSION, "events": []},
+            "stages": {},
+            "artifacts": {},
+            "results": {},
+        }
+        return cls(path, manifest)
+
+    # ---- locking ------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def lock(self) -> Iterator["RunDir"]:
+        """Exclusive lock: O_EXCL create of DIR/.lock holding our pid."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        lock_path = self.path / LOCK
+        try:
+            fd = os.open(lock_path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            raise RunDirError(_lock_holder_message(lock_path)) from None
+        try:
+            os.write(fd, f"{os.getpid()}\n".encode())
+            os.close(fd)
+            yield self
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                lock_path.unlink()
+
+    # ---- manifest -------------------------------------------------------------------------
+    def save(self) -> None:
+        text = yaml.safe_dump(self.manifest, sort_keys=False, default_flow_style=None, width=110)
+        atomic_write_bytes(self.path / MANIFEST, text.encode())
+
+    @property
+    def delta(self) -> float:
+        return float(self.manifest["privacy"]["delta"])
+
+    def events(self) -> list[PrivacyEvent]:
+        return [event_from_dict(record) for record in self.manifest["privacy"]["events"]]
+
+    def record_event(self, event: PrivacyEvent, after: "EpsilonBounds") -> None:
+        """Write-ahead: the event is on disk before the mechanism's output exists.
+        `after` is the composition of all events including this one."""
+        record = event.to_dict()
+        if not record.get("note"):
+            record.pop("note", None)
+        record["time"] = now()
+        record["epsilon_after"] = float(after.upper)
+        record["accountant"] = after.accountant
+        self.manifest["privacy"]["events"].append(record)
+        self.manifest["privacy"]["epsilon"] = float(after.upper)
+        self.manifest["privacy"]["accountant"] = after.accountant
+        self.save()
+
+    # ---- stages -------------------------------------------------------------------------
+    def begin_stage(self, stage: str, config: dict, inputs: list[str]) -> None:
+        for name in inputs:
+            self.verify_artifact(name)
+        self.manifest["stages"][stage] = {
+            "status": "running",
+            "started": now(),
+            "ended": None,
+            "command": " ".join(sys.argv) if sys.argv else "",
+            "config": config,
+            "versions": package_versions(),
+            "inputs": {name: self.manifest["artifacts"][name]["sha256"] for name in inputs},
+            "outputs": {},
+        }
+        self.save()
+
+    def end_stage(self, stage: str, status: str = "completed") -> None:
+        self.manifest["stages"][stage]["status"] = status
+        self.manifest["stages"][stage]["ended"] = now()
+        self.save()
+
+    def stage_done(self, stage: str) -> bool:
+        return self.manifest["stages"].get(stage, {}).get("status") == "completed"
+
+    def require_stage(self, stage: str, needed_by: str) -> None:
+        if not self.stage_done(stage):
+            raise RunDirError(f"stage '{needed_by}' needs '{stage}' to have completed in {self.path}; "
+                              f"run 'dpsynth {stage} --run {self.path}' first")
+
+    # ---- artifacts ----------------------------------------------------------------------
+    def write_artifact(self, stage: str, name: str, data: bytes | Callable[[io.BytesIO], None]) -> Path:
+        if callable(data):
+            buffer = io.BytesIO()
+            data(buffer)
+            data = buffer.getvalue()
+        digest = atomic_write_bytes(self.path / name, data)
+        self.manifest["artifacts"][name] = {"sha256": digest, "bytes": len(data), "stage": stage}
+        self.manifest["stages"][stage]["outputs"][name] = digest
+        self.save()
+        return self.path / name
+
+    def artifact_path(self, name: str) -> Path:
+        return self.path / name
+
+    def has_artifact(self, name: str) -> bool:
+        return name in self.manifest["artifacts"]
+
+    def verify_artifact(self, name: str) -> Path:
+        """Refuse an artifact that is missing or whose bytes changed since it was written."""
+        entry = self.manifest["artifacts"].get(name)
+        path = self.path / name
+        if entry is None:
+            raise RunDirError(f"artifact {name} is not recorded in {self.path / MANIFEST}")
+        if not path.is_file():
+            raise IntegrityError(f"artifact {path} is missing (written by stage '{entry['stage']}'); "
+                                 f"rerun that stage")
+        actual = sha256_file(path)
+        if actual != entry["sha256"]:
+            raise IntegrityError(f"artifact {path} changed since stage '{entry['stage']}' wrote it "
+                                 f"(sha256 {actual[:12]}… != recorded {entry['sha256'][:12]}…); rerun that stage")
+        return path
+
+    def read_artifact(self, name: str) -> bytes:
+        path = self.verify_artifact(name)
+        return path.read_bytes()
+
+
+def _lock_holder_message(lock_path: Path) -> str:
+    try:
+        pid = int(lock_path.read_text().strip() or "0")
+    except (OSError, ValueError):
+        pid = 0
+    if pid > 0 and _pid_alive(pid):
+        return f"run directory {lock_path.parent} is in use by process {pid} (lock {lock_path}); wait for it to finish"
+    return (f"run directory {lock_path.parent} has a stale lock from process {pid or '?'} that is no longer running; "
+            f"if no dpsynth process uses it, remove {lock_path}")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def validate_manifest(manifest: Any, where: Path) -> None:
+    """Schema check on load; a manifest that fails is refused, never rewritten."""
+    def bad(reason: str) -> RunDirError:
+        return RunDirError(f"manifest {where} is invalid: {reason}; it was left untouched")
+
+    if not isinstance(manifest, dict):
+        raise bad("top level is not a mapping")
+    version = manifest.get("schema_version")
+    if version != MANIFEST_SCHEMA_VERSION:
+        raise RunDirError(f"manifest {where} has schema_version {version!r}; this dpsynth "
+                          f"{__version__} reads schema_version {MANIFEST_SCHEMA_VERSION} only")
+    for key, kind in (("privacy", dict), ("stages", dict), ("artifacts", dict), ("sensitive", dict),
+                      ("method", str)):
+        if not isinstance(manifest.get(key), kind):
+            raise bad(f"'{key}' is missing or not a {kind.__name__}")
+    privacy = manifest["privacy"]
+    if not isinstance(privacy.get("events"), list):
+        raise bad("'privacy.events' is missing or not a list")
+    delta = privacy.get("delta")
+    if not (isinstance(delta, float) and 0 < delta < 1):
+        raise bad(f"'privacy.delta' = {delta!r} is not in (0, 1)")
+    for record in privacy["events"]:
+        try:
+            event_from_dict(record)
+        except BadInput as exc:
+            raise bad(str(exc)) from None
+    for name, entry in manifest["artifacts"].items():
+        if not (isinstance(entry, dict) and isinstance(entry.get("sha256"), str)):
+            raise bad(f"artifact entry {name!r} has no sha256")

@@ -1,0 +1,87 @@
+"""Stage `select-public`: PrivImage's semantic distribution query (one Gaussian release)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import BadInput
+from ..methods import get_method
+from ..models.query_net import predict_topk
+from ..privacy.accountant import calibrate_gaussian_sigma, compose_epsilon, epsilon_upper
+from ..privacy.events import GaussianEvent
+from ..semantic_query import add_gaussian_noise, select_public_classes, semantic_histogram
+from .common import (DataSettings, Progress, check_positive, dataset_record, load_public, no_progress,
+                     open_or_create_run, settings_from_run)
+from .query_cache import query_net_for
+
+STAGE = "select-public"
+SELECTION = "selection.json"
+
+
+def run_select_public(run_path: str | Path, settings: DataSettings, *, sigma: float | None = None,
+                      eps_query: float | None = None, top_k: int = 1, select: int | None = None,
+                      delta: float | None = None, method: str | None = None,
+                      progress: Progress = no_progress) -> dict:
+    if (sigma is None) == (eps_query is None):
+        raise BadInput("give exactly one of --sigma (noise multiplier) or --eps-query (epsilon of the query)")
+    if sigma is not None:
+        check_positive("--sigma", sigma)
+    if eps_query is not None:
+        check_positive("--eps-query", eps_query)
+    check_positive("--top-k", top_k, integer=True)
+    if not settings.public:
+        raise BadInput("select-public needs --public NAME (a labelled public dataset)")
+    if method is not None and not get_method(method).uses_public_selection:
+        raise BadInput(f"method {method!r} does not use select-public; run 'dpsynth pretrain' or 'finetune' instead")
+
+    run, sensitive = open_or_create_run(run_path, method=method, settings=settings, delta=delta)
+    if not get_method(run.manifest["method"]).uses_public_selection:
+        raise BadInput(f"this run's method {run.manifest['method']!r} does not use select-public")
+    data = replace(settings_from_run(run) if run.manifest.get('stages') else settings, public=settings.public)
+    run.manifest['settings']['public'] = settings.public
+    public = load_public(data, sensitive)
+    if top_k > public.num_classes:
+        raise BadInput(f"--top-k {top_k} exceeds the {public.num_classes} classes of public dataset {public.name}")
+    rows = sensitive.num_classes if sensitive.labels is not None else 1
+    n_select = select if select is not None else min(public.num_classes, max(rows, 1))
+    if not (1 <= n_select <= public.num_classes):
+        raise BadInput(f"--select {n_select} must be between 1 and {public.num_classes} (public classes)")
+    if eps_query is not None:
+        sigma = calibrate_gaussian_sigma(run.events(), epsilon_upper(run.events(), run.delta) + eps_query,
+                                         run.delta, stage=STAGE)
+
+    net, net_identity = query_net_for(public, seed=settings.seed, progress=progress)
+    topk = predict_topk(net, sensitive.images, top_k)
+    hist = semantic_histogram(topk, sensitive.labels, rows, public.num_classes)
+
+    event = GaussianEvent(stage=STAGE, noise_multiplier=float(sigma))
+    after = compose_epsilon([*run.events(), event], run.delta)
+    eps_after = after.upper
+    with run.lock():
+        run.manifest["public"] = dataset_record(public)
+        run.begin_stage(STAGE, {"sigma": float(sigma), "eps_query": eps_query, "top_k": top_k, "select": n_select,
+                                "query_network": net_identity}, inputs=[])
+        run.record_event(event, after)  # write-ahead: before the noisy histogram exists
+        noisy = add_gaussian_noise(hist, sigma, top_k)
+        chosen = select_public_classes(noisy, n_select)
+        selected_classes = [p for p, _ in chosen]
+        indices = np.nonzero(np.isin(public.labels.numpy(), selected_classes))[0]
+        selection = {
+            "public": public.name,
+            "noise_multiplier": float(sigma),
+            "top_k": top_k,
+            "noisy_histogram": np.round(noisy, 3).tolist(),  # the DP release itself
+            "selected": [{"public_class": p, "sensitive_class": r,
+                          "public_class_name": (public.class_names[p] if public.class_names else str(p))}
+                         for p, r in chosen],
+            "public_indices": indices.tolist(),
+        }
+        run.write_artifact(STAGE, SELECTION, json.dumps(selection).encode())
+        run.end_stage(STAGE)
+    return {"epsilon_spent": eps_after, "noise_multiplier": float(sigma), "selected": selection["selected"],
+            "public_images": int(len(indices)), "public_fraction": len(indices) / len(public),
+            "query_network": net_identity, "delta": run.delta}
