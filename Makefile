@@ -26,7 +26,7 @@ data: $(STAMP)
 	$(PY) -m dpsynth.data.provision fashionmnist
 
 demo: install
-	$(MAKE) -f recipes/demo.mk DPSYNTH=$(abspath $(DPSYNTH)) RUN=runs/demo
+	$(MAKE) --no-print-directory -f recipes/pipeline.mk DPSYNTH=$(abspath $(DPSYNTH)) RECIPE=recipes/demo.yaml
 
 test: install
 	$(PY) -m pytest -q tests

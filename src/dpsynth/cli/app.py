@@ -1,8 +1,13 @@
 """The Typer application: one thin module per command."""
 
+import os
+from pathlib import Path
+from typing import Optional
+
 import typer
 
 from . import evaluate, finetune, generate, ledger, pretrain, select_public
+from .recipe import load_recipe
 
 app = typer.Typer(name="dpsynth", help="Differentially private image synthesis with an honest privacy ledger.",
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
@@ -12,3 +17,15 @@ app.command("finetune")(finetune.command)
 app.command("generate")(generate.command)
 app.command("evaluate")(evaluate.command)
 app.command("ledger")(ledger.command)
+
+COMMANDS = {"select-public", "pretrain", "finetune", "generate", "evaluate", "ledger"}
+
+
+@app.callback()
+def main(ctx: typer.Context,
+         recipe: Optional[Path] = typer.Option(os.environ.get("DPSYNTH_RECIPE"), "--recipe",
+                                               help="YAML recipe whose sections set each stage's defaults "
+                                                    "(flags override; default $DPSYNTH_RECIPE).")) -> None:
+    """dpsynth: select-public → pretrain → finetune → generate → evaluate, one run directory."""
+    if recipe:
+        ctx.default_map = load_recipe(Path(recipe), COMMANDS)

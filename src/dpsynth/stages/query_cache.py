@@ -13,7 +13,7 @@ from ..models.query_net import QueryNet, train_query_net
 from ..rundir import atomic_write_bytes
 from .common import Progress, cache_dir, no_progress, torch_bytes, torch_load_bytes
 
-QUERY_EPOCHS = 8
+QUERY_EPOCHS = 5
 
 
 def query_net_for(public: ImageSet, *, seed: int = 0, epochs: int = QUERY_EPOCHS,

@@ -81,7 +81,9 @@ def train_dp(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
     # No seeded generator on purpose: which images a Poisson batch holds must stay secret,
     # so sampling (and opacus' noise) use the global RNG that the caller seeds from OS entropy.
     loader = DPDataLoader(TensorDataset(images, labels), sample_rate=plan.sample_rate)
-    if len(loader) != plan.steps_per_epoch:
+    # opacus derives steps as int(1/q), which float rounding can make one short.
+    loader.batch_sampler.steps = plan.steps_per_epoch
+    if len(loader) != plan.steps_per_epoch or loader.sample_rate != plan.sample_rate:
         raise RuntimeError("DP data loader length differs from the accounted plan")
     optimizers = {"adam": torch.optim.Adam, "sgd": torch.optim.SGD}
     if optimizer not in optimizers:

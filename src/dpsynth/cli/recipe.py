@@ -1,0 +1,37 @@
+"""Recipes: YAML files whose sections set a stage's option defaults; flags still override.
+
+    select-public: {sensitive: fashionmnist, public: mnist5k, sigma: 5}
+    finetune: {eps: 10, epochs: 2}
+
+Keys are option names with '-' or '_'; a section per command. Implemented with the
+CLI's default map, so a recipe can only set values a user could type.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+from ..errors import BadInput
+
+
+def load_recipe(path: Path, commands: set[str]) -> dict:
+    if not path.is_file():
+        raise BadInput(f"recipe {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise BadInput(f"recipe {path} is not valid YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise BadInput(f"recipe {path} must be a mapping of command name -> options")
+    default_map = {}
+    for section, options in data.items():
+        if section in ("description", "source", "sources", "notes"):
+            continue
+        if section not in commands:
+            raise BadInput(f"recipe {path}: section {section!r} is not a command; allowed: {', '.join(sorted(commands))}")
+        if not isinstance(options, dict):
+            raise BadInput(f"recipe {path}: section {section!r} must be a mapping of option -> value")
+        default_map[section] = {str(k).replace("-", "_"): v for k, v in options.items()}
+    return default_map
