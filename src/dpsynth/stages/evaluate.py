@@ -79,7 +79,9 @@ def run_evaluate(run_path: str | Path, *, protocol: str = "dp-safe-selection", c
         "kid_domain": fidelity["kid"],
         "feature_network": fidelity["feature_network"],
         "fid_reference": f"{sens['name']} train ({fidelity['n_real']} images)",
-        "inception_fid": None if not inception_available() else "not computed (pass --inception)",
+        # Inception FID needs clean-fid's weights; this stage never reports a domain FID under that name.
+        "fid_note": ("domain-feature FID/KID on the named network; not comparable to Inception FID"
+                     + ("" if inception_available() else " (Inception weights not available on this machine)")),
         "n_synthetic": int(len(fake_images)),
         "epsilon": run.manifest["privacy"]["epsilon"],
         "delta": run.delta,
