@@ -72,3 +72,14 @@ def _fmt(value) -> str:
     return str(value)
 
 
+
+
+def new_run_settings(sensitive, public, resolution, channels, limit, seed, data_root):
+    """Data settings for a run this command may create; None when --sensitive is absent
+    (the command then works on an existing run and takes its recorded settings)."""
+    from ..stages.common import DataSettings
+
+    if not sensitive:
+        return None
+    return DataSettings(sensitive=sensitive, public=public, resolution=resolution, channels=channels,
+                        limit=limit, seed=seed, data_root=data_root)

@@ -4,10 +4,9 @@ from typing import Optional
 
 import typer
 
-from ..stages.common import DataSettings
 from ..stages.finetune import run_finetune
 from .common import (ChannelsOpt, DataRootOpt, DeltaOpt, JsonOpt, LimitOpt, MethodOpt, PublicOpt, QuietOpt,
-                     ResolutionOpt, RunOpt, SeedOpt, SensitiveOpt, emit, progress_bars)
+                     ResolutionOpt, RunOpt, SeedOpt, SensitiveOpt, emit, new_run_settings, progress_bars)
 
 
 def command(
@@ -24,8 +23,7 @@ def command(
     seed: int = SeedOpt, delta: Optional[float] = DeltaOpt, quiet: bool = QuietOpt, json_out: bool = JsonOpt,
 ) -> None:
     """DP-SGD fine-tuning; noise is solved so ledger + these steps stay <= --eps."""
-    settings = DataSettings(sensitive=sensitive, public=public, resolution=resolution, channels=channels,
-                            limit=limit, seed=seed, data_root=data_root) if sensitive else None
+    settings = new_run_settings(sensitive, public, resolution, channels, limit, seed, data_root)
     with progress_bars(quiet or json_out) as progress:
         result = run_finetune(run, settings, eps=eps, delta=delta, epochs=epochs, batch_size=batch_size, clip=clip,
                               lr=lr, grad_sample_mode=grad_sample_mode, secure=secure, method=method,

@@ -4,10 +4,9 @@ from typing import Optional
 
 import typer
 
-from ..stages.common import DataSettings
 from ..stages.pretrain import run_pretrain
 from .common import (ChannelsOpt, DataRootOpt, DeltaOpt, JsonOpt, LimitOpt, MethodOpt, PublicOpt, QuietOpt,
-                     ResolutionOpt, RunOpt, SeedOpt, SensitiveOpt, emit, progress_bars)
+                     ResolutionOpt, RunOpt, SeedOpt, SensitiveOpt, emit, new_run_settings, progress_bars)
 
 
 def command(
@@ -19,8 +18,7 @@ def command(
     seed: int = SeedOpt, delta: Optional[float] = DeltaOpt, quiet: bool = QuietOpt, json_out: bool = JsonOpt,
 ) -> None:
     """Pretrain the generator on the public subset chosen by select-public (or the whole public set)."""
-    settings = DataSettings(sensitive=sensitive, public=public, resolution=resolution, channels=channels,
-                            limit=limit, seed=seed, data_root=data_root) if sensitive else None
+    settings = new_run_settings(sensitive, public, resolution, channels, limit, seed, data_root)
     with progress_bars(quiet or json_out) as progress:
         result = run_pretrain(run, settings, epochs=epochs, batch_size=batch_size, lr=lr, method=method,
                               delta=delta, progress=progress)

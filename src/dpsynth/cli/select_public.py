@@ -4,10 +4,9 @@ from typing import Optional
 
 import typer
 
-from ..stages.common import DataSettings
 from ..stages.select_public import run_select_public
 from .common import (ChannelsOpt, DataRootOpt, DeltaOpt, JsonOpt, LimitOpt, MethodOpt, QuietOpt, ResolutionOpt,
-                     RunOpt, SeedOpt, emit, progress_bars)
+                     RunOpt, SeedOpt, emit, new_run_settings, progress_bars)
 
 
 def command(
@@ -22,8 +21,7 @@ def command(
     seed: int = SeedOpt, delta: Optional[float] = DeltaOpt, quiet: bool = QuietOpt, json_out: bool = JsonOpt,
 ) -> None:
     """Label the sensitive set with public classes, release a noisy histogram, select public data."""
-    settings = DataSettings(sensitive=sensitive, public=public, resolution=resolution, channels=channels,
-                            limit=limit, seed=seed, data_root=data_root)
+    settings = new_run_settings(sensitive, public, resolution, channels, limit, seed, data_root)
     with progress_bars(quiet or json_out) as progress:
         result = run_select_public(run, settings, sigma=sigma, eps_query=eps_query, top_k=top_k, select=select,
                                    delta=delta, method=method, progress=progress)
