@@ -21,8 +21,8 @@ class CVAEConfig:
     channels: int = 1
     num_classes: int = 10
     latent_dim: int = 16
-    width: int = 32          # channels of the first feature map; the second has 2x
-    hidden: int = 256        # width of the fully connected layer
+    width: int = 16          # channels of the first feature map; the second has 2x
+    hidden: int = 128        # width of the fully connected layer (small: DP noise grows with parameters)
 
     def to_dict(self) -> dict:
         return asdict(self)
