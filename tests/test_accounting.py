@@ -106,3 +106,17 @@ def test_default_delta_is_below_one_over_n():
     n = 60000
     assert default_delta(n) == pytest.approx(1 / (n * math.log(n)))
     assert default_delta(n) < 1 / n
+
+
+def test_when_prv_discretisation_fails_the_rdp_bound_is_reported_and_labelled():
+    from prv_accountant.other_accountants import RDP
+
+    # Very low noise with a large sampling rate: prv-accountant 0.2 cannot discretise this PRV.
+    event = PoissonGaussianEvent("finetune", 0.6422, 0.125, 16)
+    with pytest.raises(RuntimeError):
+        PRVAccountant(prvs=[PoissonSubsampledGaussianMechanism(0.125, 0.6422)], max_self_compositions=[16],
+                      eps_error=0.01, delta_error=6.578e-8).compute_epsilon(6.578e-5, [16])
+    bounds = compose_epsilon([event], 6.578e-5)
+    assert bounds.accountant == "rdp"
+    reference = RDP([PoissonSubsampledGaussianMechanism(0.125, 0.6422)]).compute_epsilon(6.578e-5, [16])[2]
+    assert bounds.upper == pytest.approx(reference, rel=0.02)

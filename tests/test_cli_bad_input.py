@@ -24,6 +24,7 @@ CASES = [
     (["ledger"], "has no manifest.yaml"),
     (["finetune", "--eps", "1", "--sensitive", "fashionmnist", "--method", "nosuch"], "unknown method 'nosuch'"),
     (["finetune", "--eps", "1", "--grad-sample-mode", "magic"], "--grad-sample-mode 'magic'"),
+    (["finetune", "--eps", "1", "--secure"], "torchcsprng"),
     (["finetune", "--eps", "abc"], "Invalid value for '--eps'"),
 ]
 

@@ -11,7 +11,7 @@ from ..errors import BadInput
 from ..methods import get_method
 from ..privacy.accountant import calibrate_noise_multiplier, compose_epsilon
 from ..privacy.events import PoissonGaussianEvent
-from ..training.dpsgd import GRAD_SAMPLE_MODES, DPSGDPlan, check_dp_compatible, train_dp
+from ..training.dpsgd import GRAD_SAMPLE_MODES, DPSGDPlan, check_dp_compatible, check_secure_available, train_dp
 from .common import (DataSettings, Progress, check_positive, no_progress, open_or_create_run, torch_bytes,
                      torch_load_bytes)
 from .pretrain import PRETRAINED, STAGE as PRETRAIN_STAGE
@@ -31,6 +31,7 @@ def run_finetune(run_path: str | Path, settings: DataSettings | None = None, *, 
     check_positive("--lr", lr)
     if grad_sample_mode not in GRAD_SAMPLE_MODES:
         raise BadInput(f"--grad-sample-mode {grad_sample_mode!r} is unknown; choose one of {', '.join(GRAD_SAMPLE_MODES)}")
+    check_secure_available(secure)
     run, sensitive = open_or_create_run(run_path, method=method, settings=settings, delta=delta)
     method_obj = get_method(run.manifest["method"])
     seed = run.manifest["settings"].get("seed", 0)

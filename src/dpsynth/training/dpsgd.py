@@ -8,6 +8,7 @@ sampling at exactly `sample_rate`, exactly `steps` noisy steps, clipping at `cli
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import warnings
 from dataclasses import dataclass
@@ -58,6 +59,13 @@ class DPSGDPlan:
         return self.epochs * self.steps_per_epoch
 
 
+def check_secure_available(secure: bool) -> None:
+    """opacus' secure_mode needs torchcsprng; say so before any privacy event is written."""
+    if secure and importlib.util.find_spec("torchcsprng") is None:
+        raise BadInput("--secure needs the torchcsprng package (opacus secure_mode), which is not installed; "
+                       "install it or drop --secure")
+
+
 def check_dp_compatible(model: nn.Module) -> None:
     """Fail loudly if a layer would break per-sample privacy (e.g. BatchNorm mixes samples)."""
     errors = ModuleValidator.validate(model, strict=False)
@@ -80,7 +88,10 @@ def train_dp(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
     check_dp_compatible(model)
     # No seeded generator on purpose: which images a Poisson batch holds must stay secret,
     # so sampling (and opacus' noise) use the global RNG that the caller seeds from OS entropy.
-    loader = DPDataLoader(TensorDataset(images, labels), sample_rate=plan.sample_rate)
+    check_secure_available(secure)
+    engine = PrivacyEngine(secure_mode=secure)
+    loader = DPDataLoader(TensorDataset(images, labels), sample_rate=plan.sample_rate,
+                          generator=engine.secure_rng if secure else None)
     # opacus derives steps as int(1/q), which float rounding can make one short.
     loader.batch_sampler.steps = plan.steps_per_epoch
     if len(loader) != plan.steps_per_epoch or loader.sample_rate != plan.sample_rate:
@@ -89,7 +100,6 @@ def train_dp(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
     if optimizer not in optimizers:
         raise BadInput(f"optimizer {optimizer!r} is unknown; choose one of {', '.join(optimizers)}")
     optimizer = optimizers[optimizer](model.parameters(), lr=lr)
-    engine = PrivacyEngine(secure_mode=secure)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         dp_model, dp_optimizer, *rest = engine.make_private(
