@@ -79,6 +79,9 @@ def test_evaluation_reports_accuracy_and_a_named_fid(run_dir):
     assert 0.0 <= result["accuracy"] <= 1.0
     assert result["feature_network"].startswith("querynet(mnist5k,28px,1ch):sha256:")
     assert result["fid_domain"] > 0
+    assert 0.0 <= result["precision_domain"] <= 1.0 and 0.0 <= result["recall_domain"] <= 1.0
+    assert result["fld_domain"] == result["fld_domain"]  # a number, not NaN
+    assert "not comparable to Inception FID" in result["fid_note"]
 
 
 def test_over_budget_finetune_is_refused_and_changes_nothing(run_dir):

@@ -182,3 +182,10 @@ def compute_fidelity(
         "n_fake": int(fake.shape[0]),
     }
     return result
+
+
+def extract_features(images: torch.Tensor, feature_net: FeatureNetwork, *, device: str | torch.device = "cpu",
+                     batch_size: int = 256, progress: Progress | None = None, phase: str = "features") -> np.ndarray:
+    """Features of uint8 images through clean-fid's batch pipeline (for metrics beyond FID/KID)."""
+    check_images(images, phase)
+    return _features(images, feature_net, torch.device(device), batch_size, progress, phase)

@@ -13,7 +13,9 @@ import torch
 
 from ..data import load_dataset
 from ..errors import BadInput
-from ..evaluation.fidelity import compute_fidelity, inception_available, make_feature_network
+from ..evaluation.fidelity import compute_fidelity, extract_features, inception_available, make_feature_network
+from ..evaluation.fld import fld
+from ..evaluation.manifold import precision_recall
 from ..evaluation.utility import evaluate_utility
 from ..rundir import RunDir
 from .common import Progress, check_positive, load_sensitive, no_progress, settings_from_run, check_same_data
@@ -67,6 +69,7 @@ def run_evaluate(run_path: str | Path, *, protocol: str = "dp-safe-selection", c
     if len(real) > fid_max_real:
         real = real.subset(torch.randperm(len(real), generator=torch.Generator().manual_seed(seed))[:fid_max_real])
     fidelity = compute_fidelity(real.images, fake_images, features, progress=progress)
+    extra = _manifold_metrics(real.images, fake_images, _test_set(settings)[0], features, seed, progress)
 
     results = {
         "protocol": protocol,
@@ -79,6 +82,7 @@ def run_evaluate(run_path: str | Path, *, protocol: str = "dp-safe-selection", c
         "kid_domain": fidelity["kid"],
         "feature_network": fidelity["feature_network"],
         "fid_reference": f"{sens['name']} train ({fidelity['n_real']} images)",
+        **extra,
         # Inception FID needs clean-fid's weights; this stage never reports a domain FID under that name.
         "fid_note": ("domain-feature FID/KID on the named network; not comparable to Inception FID"
                      + ("" if inception_available() else " (Inception weights not available on this machine)")),
@@ -95,6 +99,24 @@ def run_evaluate(run_path: str | Path, *, protocol: str = "dp-safe-selection", c
         run.manifest["results"][protocol] = results
         run.end_stage(STAGE)
     return results
+
+
+def _manifold_metrics(real, fake, real_test, features, seed, progress, max_pr: int = 5000,
+                      max_fld: int = 2000) -> dict:
+    """Precision/recall (k=4 manifolds, up to 5,000 per set) and FLD (its EM fit is quadratic:
+    up to 2,000 per set) on the same named feature network."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def capped(images, n):
+        return images if len(images) <= n else images[torch.randperm(len(images), generator=gen)[:n]]
+
+    feats = {name: extract_features(capped(images, max_pr), features, progress=progress, phase=f"features-{name}")
+             for name, images in (("real", real), ("fake", fake), ("real-test", real_test))}
+    pr = precision_recall(feats["real"], feats["fake"], k=4)
+    small = {name: f[:max_fld] for name, f in feats.items()}  # already shuffled above
+    return {"precision_domain": pr["precision"], "recall_domain": pr["recall"],
+            "fld_domain": fld(small["real"], small["real-test"], small["fake"], seed=seed),
+            "fld_samples": min(max_fld, *(len(f) for f in feats.values()))}
 
 
 def _test_set(settings):
