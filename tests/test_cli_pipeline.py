@@ -20,7 +20,7 @@ def run_dir(tmp_path_factory):
         ["pretrain", "--epochs", "1"],
         ["finetune", "--eps", "3", "--epochs", "1", "--batch-size", "250"],
         ["generate", "--n", "600"],
-        ["evaluate", "--epochs", "2"],
+        ["evaluate", "--epochs", "2", "--compare-protocols"],
     ]
     outputs = {}
     for args in steps:
@@ -82,6 +82,14 @@ def test_evaluation_reports_accuracy_and_a_named_fid(run_dir):
     assert 0.0 <= result["precision_domain"] <= 1.0 and 0.0 <= result["recall_domain"] <= 1.0
     assert result["fld_domain"] == result["fld_domain"]  # a number, not NaN
     assert "not comparable to Inception FID" in result["fid_note"]
+    assert result["overstatement"] == pytest.approx(result["test_set_selection_accuracy_NOT_DP"] - result["accuracy"])
+
+
+def test_compared_protocols_are_both_stored_and_the_flawed_one_is_marked(run_dir):
+    run, _ = run_dir
+    results = yaml.safe_load((run / "manifest.yaml").read_text())["results"]
+    assert results["dp-safe-selection"]["dp_safe"] is True
+    assert results["test-set-selection"]["dp_safe"] is False
 
 
 def test_over_budget_finetune_is_refused_and_changes_nothing(run_dir):

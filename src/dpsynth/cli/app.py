@@ -6,7 +6,7 @@ from typing import Optional
 
 import typer
 
-from . import evaluate, finetune, generate, ledger, pretrain, select_public
+from . import evaluate, finetune, generate, ledger, pretrain, report, select_public
 from .recipe import load_recipe
 
 app = typer.Typer(name="dpsynth", help="Differentially private image synthesis with an honest privacy ledger.",
@@ -17,8 +17,9 @@ app.command("finetune")(finetune.command)
 app.command("generate")(generate.command)
 app.command("evaluate")(evaluate.command)
 app.command("ledger")(ledger.command)
+app.command("report")(report.command)
 
-COMMANDS = {"select-public", "pretrain", "finetune", "generate", "evaluate", "ledger"}
+COMMANDS = {"select-public", "pretrain", "finetune", "generate", "evaluate", "ledger", "report"}
 
 
 @app.callback()

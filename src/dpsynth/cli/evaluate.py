@@ -14,10 +14,13 @@ def command(
     classifier: str = typer.Option("cnn", "--classifier"), epochs: int = typer.Option(10, "--epochs"),
     feature_public: Optional[str] = typer.Option(None, "--feature-public",
                                                  help="Public set for the FID feature network (default: the run's)."),
+    compare_protocols: bool = typer.Option(False, "--compare-protocols",
+                                           help="Also select on the real test set (NOT DP) and print the overstatement."),
     run: str = RunOpt, quiet: bool = QuietOpt, json_out: bool = JsonOpt,
 ) -> None:
     """Train a classifier on the synthetic set, select by synthetic validation, report real-test accuracy."""
     with progress_bars(quiet or json_out) as progress:
         result = run_evaluate(run, protocol=protocol, classifier=classifier, epochs=epochs,
-                              feature_public=feature_public, progress=progress)
+                              feature_public=feature_public, compare_protocols=compare_protocols,
+                              progress=progress)
     emit(result, json_out, f"evaluate → {run}")

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 
 from ..errors import DpsynthError
 
 
 def main(argv: list[str] | None = None) -> int:
+    if not os.environ.get("DPSYNTH_DEBUG"):
+        # Third-party deprecation chatter (opacus, clean-fid, SciPy) is noise on a CLI's stderr.
+        warnings.filterwarnings("ignore")
     from .app import app
 
     try:

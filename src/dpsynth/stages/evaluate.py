@@ -47,7 +47,9 @@ def _feature_network(run: RunDir, feature_public: str | None, resolution: int, c
 
 def run_evaluate(run_path: str | Path, *, protocol: str = "dp-safe-selection", classifier: str = "cnn",
                  epochs: int = 10, feature_public: str | None = None, fid_max_real: int = 10000,
-                 progress: Progress = no_progress) -> dict:
+                 compare_protocols: bool = False, progress: Progress = no_progress) -> dict:
+    """Evaluate the run's synthetic set. With `compare_protocols`, the same classifier is also
+    selected on the real test set (the flawed practice) to show how much that overstates accuracy."""
     if protocol not in PROTOCOLS:
         raise BadInput(f"--protocol {protocol!r} is unknown; choose one of {', '.join(PROTOCOLS)}")
     check_positive("--epochs", epochs, integer=True)
@@ -59,46 +61,65 @@ def run_evaluate(run_path: str | Path, *, protocol: str = "dp-safe-selection", c
     settings = settings_from_run(run)
     sens = run.manifest["sensitive"]
     seed = settings.seed
+    protocols = list(PROTOCOLS) if compare_protocols else [protocol]
 
-    utility = evaluate_utility(fake_images, fake_labels, *_test_set(settings), sens["num_classes"],
-                               protocol=protocol, classifier=classifier, epochs=epochs, seed=seed,
-                               progress=progress)
-    features = _feature_network(run, feature_public, sens["resolution"], sens["channels"], seed)
+    utilities = {name: evaluate_utility(fake_images, fake_labels, *_test_set(settings), sens["num_classes"],
+                                        protocol=name, classifier=classifier, epochs=epochs, seed=seed,
+                                        progress=progress)
+                 for name in protocols}
+    fidelity = _fidelity(run, settings, fake_images, feature_public, fid_max_real, progress)
+    per_protocol = {
+        name: {
+            "protocol": name,
+            "dp_safe": name == "dp-safe-selection",
+            "classifier": classifier,
+            "accuracy": utility.accuracy,
+            "selected_epoch": utility.selected_epoch,
+            "val_accuracies": [round(a, 4) for a in utility.val_accuracies],
+            **fidelity,
+            "n_synthetic": int(len(fake_images)),
+            "epsilon": run.manifest["privacy"]["epsilon"],
+            "delta": run.delta,
+        }
+        for name, utility in utilities.items()
+    }
+    table = pd.DataFrame([{"run": run.manifest["run_id"], "method": run.manifest["method"], "sensitive": sens["name"],
+                           **{k: v for k, v in row.items() if k != "val_accuracies"}}
+                          for row in per_protocol.values()])
+    with run.lock():
+        run.begin_stage(STAGE, {"protocols": protocols, "classifier": classifier, "epochs": epochs,
+                                "feature_network": fidelity["feature_network"]}, inputs=[SYNTHETIC])
+        run.write_artifact(STAGE, RESULTS_CSV, table.to_csv(index=False).encode())
+        run.manifest["results"].update(per_protocol)
+        run.end_stage(STAGE)
+    results = dict(per_protocol[protocol if not compare_protocols else "dp-safe-selection"])
+    if compare_protocols:
+        flawed = per_protocol["test-set-selection"]["accuracy"]
+        results["test_set_selection_accuracy_NOT_DP"] = flawed
+        results["overstatement"] = flawed - results["accuracy"]
+    return results
+
+
+def _fidelity(run, settings, fake_images, feature_public, fid_max_real, progress) -> dict:
+    sens = run.manifest["sensitive"]
+    features = _feature_network(run, feature_public, sens["resolution"], sens["channels"], settings.seed)
     real = load_sensitive(settings)
     check_same_data(run, real)
     if len(real) > fid_max_real:
-        real = real.subset(torch.randperm(len(real), generator=torch.Generator().manual_seed(seed))[:fid_max_real])
+        gen = torch.Generator().manual_seed(settings.seed)
+        real = real.subset(torch.randperm(len(real), generator=gen)[:fid_max_real])
     fidelity = compute_fidelity(real.images, fake_images, features, progress=progress)
-    extra = _manifold_metrics(real.images, fake_images, _test_set(settings)[0], features, seed, progress)
-
-    results = {
-        "protocol": protocol,
-        "dp_safe": protocol == "dp-safe-selection",
-        "classifier": classifier,
-        "accuracy": utility.accuracy,
-        "selected_epoch": utility.selected_epoch,
-        "val_accuracies": [round(a, 4) for a in utility.val_accuracies],
+    extra = _manifold_metrics(real.images, fake_images, _test_set(settings)[0], features, settings.seed, progress)
+    return {
         "fid_domain": fidelity["fid"],
         "kid_domain": fidelity["kid"],
         "feature_network": fidelity["feature_network"],
         "fid_reference": f"{sens['name']} train ({fidelity['n_real']} images)",
         **extra,
-        # Inception FID needs clean-fid's weights; this stage never reports a domain FID under that name.
+        # Inception FID needs clean-fid's weights; a domain FID is never reported under that name.
         "fid_note": ("domain-feature FID/KID on the named network; not comparable to Inception FID"
                      + ("" if inception_available() else " (Inception weights not available on this machine)")),
-        "n_synthetic": int(len(fake_images)),
-        "epsilon": run.manifest["privacy"]["epsilon"],
-        "delta": run.delta,
     }
-    table = pd.DataFrame([{"run": run.manifest["run_id"], "method": run.manifest["method"],
-                           "sensitive": sens["name"], **{k: v for k, v in results.items() if k != "val_accuracies"}}])
-    with run.lock():
-        run.begin_stage(STAGE, {"protocol": protocol, "classifier": classifier, "epochs": epochs,
-                                "feature_network": fidelity["feature_network"]}, inputs=[SYNTHETIC])
-        run.write_artifact(STAGE, RESULTS_CSV, table.to_csv(index=False).encode())
-        run.manifest["results"][protocol] = results
-        run.end_stage(STAGE)
-    return results
 
 
 def _manifold_metrics(real, fake, real_test, features, seed, progress, max_pr: int = 5000,

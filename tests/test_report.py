@@ -1,0 +1,155 @@
+"""`dpsynth report` on real run directories written through RunDir (no training: the stages
+that produce results are tested elsewhere; here only their recorded outputs matter)."""
+
+import io
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cli_helpers import dpsynth
+from dpsynth.privacy.accountant import compose_epsilon
+from dpsynth.privacy.events import GaussianEvent
+from dpsynth.reporting import (CLASS_COUNTS_PNG, NOT_EVALUATED, PRIVACY_UTILITY_PNG, collect_results,
+                               fid_axis_label, format_table, privacy_utility_figure, write_report)
+from dpsynth.rundir import RunDir
+
+FEATURES = "querynet(mnist5k,8px,1ch):sha256:0123456789ab"
+
+
+def make_run(path, sigma, results=None, num_classes=3, n=30):
+    """A finished run: one Gaussian release in the ledger, synthetic.npz, samples.png, results."""
+    run = RunDir.create(path, method="privimage-cvae",
+                        sensitive={"name": "tiny", "size": 100, "num_classes": num_classes, "resolution": 8,
+                                   "channels": 1, "fingerprint": "sha256:0"},
+                        public=None, delta=1e-5, settings={"sensitive": "tiny", "public": None, "seed": 0})
+    rng = np.random.default_rng(int(sigma * 10))
+    images = rng.integers(0, 256, size=(n, 1, 8, 8), dtype=np.uint8)
+    labels = np.arange(n) % num_classes
+
+    def npz(buffer):
+        np.savez_compressed(buffer, images=images, labels=labels)
+
+    def grid(buffer):
+        Image.fromarray(np.concatenate(list(images[:4, 0]), axis=1)).save(buffer, format="png")
+
+    with run.lock():
+        event = GaussianEvent("select-public", float(sigma))
+        run.record_event(event, compose_epsilon([event], run.delta))
+        run.begin_stage("generate", {"n": n}, inputs=[])
+        run.write_artifact("generate", "synthetic.npz", npz)
+        run.write_artifact("generate", "samples.png", grid)
+        run.end_stage("generate")
+        epsilon = run.manifest["privacy"]["epsilon"]
+        for protocol in results or []:
+            run.manifest["results"][protocol] = {
+                "protocol": protocol, "dp_safe": protocol == "dp-safe-selection", "classifier": "cnn",
+                "accuracy": 0.5 + 0.01 * sigma, "selected_epoch": 2, "fid_domain": 40.0 / sigma,
+                "kid_domain": 0.01, "feature_network": FEATURES, "precision_domain": 0.6, "recall_domain": 0.4,
+                "fld_domain": 12.0, "n_synthetic": n, "epsilon": epsilon, "delta": run.delta}
+        run.save()
+    return path
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("report")
+    return [str(make_run(root / "run-a", 1.0, ["dp-safe-selection"])),
+            str(make_run(root / "run-b", 4.0, ["dp-safe-selection"]))]
+
+
+def manifest_epsilon(path):
+    return RunDir.open(path).manifest["privacy"]["epsilon"]
+
+
+def test_collect_results_one_row_per_run_with_ledger_epsilon(runs):
+    table = collect_results(runs)
+    assert len(table) == 2
+    assert table["run"].tolist() == runs
+    assert table["epsilon"].tolist() == [manifest_epsilon(r) for r in runs]
+    assert table["epsilon"].iloc[0] > table["epsilon"].iloc[1] > 0  # less noise, more epsilon
+    assert table["protocol"].tolist() == ["dp-safe-selection"] * 2
+    assert table["feature_network"].tolist() == [FEATURES] * 2
+
+
+def test_unevaluated_run_has_a_row_of_nans_and_bad_run_raises(runs, tmp_path):
+    fresh = str(make_run(tmp_path / "fresh", 2.0))
+    row = collect_results([fresh]).iloc[0]
+    assert row["protocol"] == NOT_EVALUATED
+    assert np.isnan(row["accuracy"]) and np.isnan(row["fid_domain"])
+    assert row["epsilon"] == manifest_epsilon(fresh)
+    from dpsynth.errors import RunDirError
+    with pytest.raises(RunDirError, match="no manifest.yaml"):
+        collect_results([runs[0], str(tmp_path / "nowhere")])
+
+
+def test_fid_label_names_the_feature_network(runs):
+    fig = privacy_utility_figure(collect_results(runs))
+    assert fig.axes[1].get_ylabel() == f"FID on {FEATURES}"
+    assert fid_axis_label([FEATURES, "other-net:sha256:ff"]) == "FID (domain features; see table)"
+    assert fid_axis_label([float("nan")]) != "FID"
+
+
+def test_cli_json_writes_the_three_kinds_of_png(runs, tmp_path):
+    out = tmp_path / "out"
+    proc = dpsynth("report", *runs, "--out", str(out), "--json")
+    assert proc.returncode == 0, proc.stderr
+    payload = json.loads(proc.stdout)
+    assert [row["epsilon"] for row in payload["rows"]] == [manifest_epsilon(r) for r in runs]
+    run_ids = [RunDir.open(r).manifest["run_id"] for r in runs]
+    expected = {PRIVACY_UTILITY_PNG, CLASS_COUNTS_PNG, *(f"samples_{rid}.png" for rid in run_ids)}
+    assert {p.rsplit("/", 1)[-1] for p in payload["plots"]} == expected
+    assert {p.name for p in out.iterdir()} == expected  # and no temp files left
+    for name in expected:
+        with Image.open(out / name) as image:
+            assert image.format == "PNG"
+            image.verify()
+    assert (out / f"samples_{run_ids[0]}.png").read_bytes() == (Path(runs[0]) / "samples.png").read_bytes()
+
+
+def test_tampered_samples_are_refused_and_nothing_is_written(runs, tmp_path):
+    copy = tmp_path / "tampered"
+    shutil.copytree(runs[0], copy)
+    with Image.open(copy / "samples.png") as image:
+        pixels = np.array(image)
+    pixels[0, 0] ^= 0xFF
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="png")
+    (copy / "samples.png").write_bytes(buffer.getvalue())
+    out = tmp_path / "out"
+    proc = dpsynth("report", runs[1], str(copy), "--out", str(out))
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "samples.png" in lines[0], proc.stderr
+    assert not out.exists()
+
+
+def test_bad_format_exits_2(runs, tmp_path):
+    proc = dpsynth("report", runs[0], "--out", str(tmp_path / "out"), "--format", "xlsx")
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == ["error: --format 'xlsx' is unknown; choose one of markdown, csv"]
+    assert not (tmp_path / "out").exists()
+
+
+def test_test_set_selection_is_marked_not_dp(tmp_path, capsys):
+    path = str(make_run(tmp_path / "both", 2.0, ["dp-safe-selection", "test-set-selection"]))
+    report = write_report([path], tmp_path / "out")
+    markdown = format_table(report.table, "markdown")
+    rows = [line for line in markdown.splitlines() if "selection" in line]
+    assert len(rows) == 2
+    assert "| dp-safe-selection |" in rows[0] and "NOT DP" not in rows[0]
+    assert "| test-set-selection (NOT DP) |" in rows[1]
+    assert report.table["dp_safe"].tolist() == [True, False]  # csv/json keep the raw flag
+
+    from dpsynth.cli.main import main
+    assert main(["report", path, "--out", str(tmp_path / "out2")]) == 0
+    assert "test-set-selection (NOT DP)" in capsys.readouterr().out
+
+
+def test_artifact_names_match_the_generate_stage():
+    from dpsynth import reporting
+    from dpsynth.stages import generate
+    assert (reporting.SYNTHETIC, reporting.GRID) == (generate.SYNTHETIC, generate.GRID)
