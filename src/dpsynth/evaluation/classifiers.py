@@ -62,6 +62,27 @@ def _projection(cin: int, cout: int, stride: int) -> nn.Module:
     return nn.Sequential(nn.Conv2d(cin, cout, 1, stride=stride, bias=False), nn.BatchNorm2d(cout))
 
 
+class _StagedClassifier(nn.Module):
+    """The shape all three DPImageBench classifiers share: a stem, three stages of n blocks (the
+    first block of stages 2 and 3 halves the resolution), global average pooling, a linear head."""
+
+    def __init__(self, stem: list[nn.Module], cin: int, stage_widths, n: int, make_block, num_classes: int,
+                 tail: tuple[nn.Module, ...] = ()):
+        super().__init__()
+        layers = list(stem)
+        for stage, width in enumerate(stage_widths):
+            for i in range(n):
+                layers.append(make_block(stage, cin, width, 2 if stage > 0 and i == 0 else 1))
+                cin = width
+        self.features = nn.Sequential(*layers, *tail)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(cin, num_classes)
+        _init_weights(self)
+
+    def forward(self, x):
+        return self.fc(self.pool(self.features(x)).flatten(1))
+
+
 # ---------------------------------------------------------------- ResNet (CIFAR)
 
 
@@ -84,7 +105,7 @@ class _BasicBlock(nn.Module):
         return self.relu(self.body(x) + self.shortcut(x))
 
 
-class CifarResNet(nn.Module):
+class CifarResNet(_StagedClassifier):
     """CIFAR ResNet (He et al. 2016, Sec. 4.2): 3x3 stem, 3 stages of n BasicBlocks, depth = 6n + 2.
 
     Defaults give ResNet-110 (n = 18, widths 16/32/64), DPImageBench's "resnet"
@@ -94,22 +115,10 @@ class CifarResNet(nn.Module):
     """
 
     def __init__(self, in_channels: int, num_classes: int, depth: int = 110, base_width: int = 16):
-        super().__init__()
-        n = (depth - 2) // 6
         widths = [base_width, 2 * base_width, 4 * base_width]
-        layers: list[nn.Module] = [_conv3x3(in_channels, widths[0]), nn.BatchNorm2d(widths[0]), nn.ReLU(inplace=True)]
-        cin = widths[0]
-        for stage, width in enumerate(widths):
-            for i in range(n):
-                layers.append(_BasicBlock(cin, width, 2 if stage > 0 and i == 0 else 1))
-                cin = width
-        self.features = nn.Sequential(*layers)
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(cin, num_classes)
-        _init_weights(self)
-
-    def forward(self, x):
-        return self.fc(self.pool(self.features(x)).flatten(1))
+        stem = [_conv3x3(in_channels, widths[0]), nn.BatchNorm2d(widths[0]), nn.ReLU(inplace=True)]
+        super().__init__(stem, widths[0], widths, (depth - 2) // 6,
+                         lambda _stage, cin, cout, stride: _BasicBlock(cin, cout, stride), num_classes)
 
 
 # ------------------------------------------------------------- Wide ResNet
@@ -137,7 +146,7 @@ class _WideBlock(nn.Module):
         return self.body(act) + skip
 
 
-class WideResNet(nn.Module):
+class WideResNet(_StagedClassifier):
     """WRN-depth-width: 16-channel stem, 3 stages of n pre-activation blocks, depth = 6n + 4.
 
     Defaults give WRN-40-4 (widths 64/128/256, ~8.9M parameters, as in the WRN
@@ -146,23 +155,11 @@ class WideResNet(nn.Module):
     """
 
     def __init__(self, in_channels: int, num_classes: int, depth: int = 40, width: int = 4, dropout: float = 0.3):
-        super().__init__()
-        n = (depth - 4) // 6
         widths = [16 * width, 32 * width, 64 * width]
-        layers: list[nn.Module] = [_conv3x3(in_channels, 16)]
-        cin = 16
-        for stage, w in enumerate(widths):
-            for i in range(n):
-                layers.append(_WideBlock(cin, w, 2 if stage > 0 and i == 0 else 1, dropout))
-                cin = w
-        layers += [nn.BatchNorm2d(cin), nn.ReLU(inplace=True)]  # blocks are pre-activation: close the last one
-        self.features = nn.Sequential(*layers)
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(cin, num_classes)
-        _init_weights(self)
-
-    def forward(self, x):
-        return self.fc(self.pool(self.features(x)).flatten(1))
+        # Blocks are pre-activation, so a final BN-ReLU closes the last one.
+        super().__init__([_conv3x3(in_channels, 16)], 16, widths, (depth - 4) // 6,
+                         lambda _stage, cin, cout, stride: _WideBlock(cin, cout, stride, dropout), num_classes,
+                         tail=(nn.BatchNorm2d(widths[-1]), nn.ReLU(inplace=True)))
 
 
 # ------------------------------------------------------------------ ResNeXt
@@ -190,7 +187,7 @@ class _ResNeXtBlock(nn.Module):
         return self.relu(self.body(x) + self.shortcut(x))
 
 
-class CifarResNeXt(nn.Module):
+class CifarResNeXt(_StagedClassifier):
     """ResNeXt-depth (C x d): 64-channel stem, 3 stages of n bottlenecks, depth = 9n + 2.
 
     Follows the CIFAR template of Xie et al. 2017 (Sec. 5.3): stage outputs
@@ -205,22 +202,13 @@ class CifarResNeXt(nn.Module):
     def __init__(
         self, in_channels: int, num_classes: int, depth: int = 29, cardinality: int = 8, bottleneck_width: int = 4
     ):
-        super().__init__()
-        n = (depth - 2) // 9
-        layers: list[nn.Module] = [_conv3x3(in_channels, 64), nn.BatchNorm2d(64), nn.ReLU(inplace=True)]
-        cin = 64
-        for stage, cout in enumerate((256, 512, 1024)):
-            inner = cardinality * bottleneck_width * 2**stage
-            for i in range(n):
-                layers.append(_ResNeXtBlock(cin, inner, cout, 2 if stage > 0 and i == 0 else 1, cardinality))
-                cin = cout
-        self.features = nn.Sequential(*layers)
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(cin, num_classes)
-        _init_weights(self)
+        stem = [_conv3x3(in_channels, 64), nn.BatchNorm2d(64), nn.ReLU(inplace=True)]
 
-    def forward(self, x):
-        return self.fc(self.pool(self.features(x)).flatten(1))
+        def block(stage, cin, cout, stride):
+            inner = cardinality * bottleneck_width * 2**stage
+            return _ResNeXtBlock(cin, inner, cout, stride, cardinality)
+
+        super().__init__(stem, 64, (256, 512, 1024), (depth - 2) // 9, block, num_classes)
 
 
 def _init_weights(model: nn.Module) -> None:
