@@ -62,12 +62,13 @@ def run_evaluate(run_path: str | Path, *, protocol: str = "dp-safe-selection", c
     sens = run.manifest["sensitive"]
     seed = settings.seed
     protocols = list(PROTOCOLS) if compare_protocols else [protocol]
+    test_images, test_labels = _test_set(settings)  # read once; only reporting uses it
 
-    utilities = {name: evaluate_utility(fake_images, fake_labels, *_test_set(settings), sens["num_classes"],
+    utilities = {name: evaluate_utility(fake_images, fake_labels, test_images, test_labels, sens["num_classes"],
                                         protocol=name, classifier=classifier, epochs=epochs, seed=seed,
                                         progress=progress)
                  for name in protocols}
-    fidelity = _fidelity(run, settings, fake_images, feature_public, fid_max_real, progress)
+    fidelity = _fidelity(run, settings, fake_images, test_images, feature_public, fid_max_real, progress)
     per_protocol = {
         name: {
             "protocol": name,
@@ -100,7 +101,7 @@ def run_evaluate(run_path: str | Path, *, protocol: str = "dp-safe-selection", c
     return results
 
 
-def _fidelity(run, settings, fake_images, feature_public, fid_max_real, progress) -> dict:
+def _fidelity(run, settings, fake_images, test_images, feature_public, fid_max_real, progress) -> dict:
     sens = run.manifest["sensitive"]
     features = _feature_network(run, feature_public, sens["resolution"], sens["channels"], settings.seed)
     real = load_sensitive(settings)
@@ -109,7 +110,7 @@ def _fidelity(run, settings, fake_images, feature_public, fid_max_real, progress
         gen = torch.Generator().manual_seed(settings.seed)
         real = real.subset(torch.randperm(len(real), generator=gen)[:fid_max_real])
     fidelity = compute_fidelity(real.images, fake_images, features, progress=progress)
-    extra = _manifold_metrics(real.images, fake_images, _test_set(settings)[0], features, settings.seed, progress)
+    extra = _manifold_metrics(real.images, fake_images, test_images, features, settings.seed, progress)
     return {
         "fid_domain": fidelity["fid"],
         "kid_domain": fidelity["kid"],
