@@ -22,10 +22,9 @@ from typing import Any, Callable, Iterator
 import yaml
 
 from . import __version__
-from .errors import IntegrityError, RunDirError
+from .errors import BadInput, IntegrityError, RunDirError
 from .privacy.events import SCHEMA_VERSION as EVENT_SCHEMA_VERSION
 from .privacy.events import PrivacyEvent, event_from_dict
-from .errors import BadInput
 from .privacy.accountant import EpsilonBounds
 
 MANIFEST = "manifest.yaml"

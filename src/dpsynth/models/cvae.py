@@ -98,6 +98,3 @@ class ConditionalVAE(nn.Module):
         probs = torch.sigmoid(self.decoder(z, labels))
         return (probs * 255.0).round().clamp(0, 255).to(torch.uint8)
 
-
-def to_unit_interval(images_uint8: torch.Tensor) -> torch.Tensor:
-    return images_uint8.float() / 255.0

@@ -43,6 +43,8 @@ def run_finetune(run_path: str | Path, settings: DataSettings | None = None, *, 
     event = PoissonGaussianEvent(stage=STAGE, noise_multiplier=sigma, sample_rate=plan.sample_rate, steps=plan.steps)
     after = compose_epsilon([*spent, event], run.delta)
     eps_after = after.upper
+    if eps_after > eps:  # calibration guarantees otherwise; checked before anything is written
+        raise AssertionError(f"ledger epsilon {eps_after} would exceed target {eps}")
 
     _, c, r, _ = sensitive.images.shape
     torch.manual_seed(seed)
@@ -74,7 +76,5 @@ def run_finetune(run_path: str | Path, settings: DataSettings | None = None, *, 
         run.write_artifact(STAGE, GENERATOR, torch_bytes({"state_dict": trained.state_dict(),
                                                           "config": trained.cfg.to_dict()}))
         run.end_stage(STAGE)
-    if eps_after > eps:
-        raise AssertionError(f"ledger epsilon {eps_after} exceeds target {eps}")  # calibration guarantees otherwise
     return {"epsilon_spent": eps_after, "target_epsilon": eps, "delta": run.delta, "noise_multiplier": sigma,
             "sample_rate": plan.sample_rate, "steps": plan.steps}
