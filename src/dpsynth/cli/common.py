@@ -31,6 +31,10 @@ ChannelsOpt = typer.Option(None, "--channels", help="1 or 3 (default: the sensit
 LimitOpt = typer.Option(None, "--limit", help="Use a class-stratified subset of this many sensitive images.")
 SeedOpt = typer.Option(0, "--seed", help="Seed for model init and splits (never for DP noise).")
 DeltaOpt = typer.Option(None, "--delta", help="Run's delta (default 1/(N ln N)); fixed once a run exists.")
+HoldoutOpt = typer.Option(0.0, "--holdout", help="New runs: share of the sensitive train set kept from the generator "
+                                                 "for 'evaluate --protocol noisy-val' (0 = none; at most 0.5).")
+NoisyValEpsOpt = typer.Option(None, "--noisy-val-eps", help="New runs: epsilon reserved in the ledger now for the "
+                                                            "noisy-val selection (needs --holdout).")
 
 
 @contextlib.contextmanager
@@ -74,7 +78,8 @@ def _fmt(value) -> str:
 
 
 
-def new_run_settings(sensitive, public, resolution, channels, limit, seed, data_root):
+def new_run_settings(sensitive, public, resolution, channels, limit, seed, data_root, holdout=0.0,
+                     noisy_val_eps=None):
     """Data settings for a run this command may create; None when --sensitive is absent
     (the command then works on an existing run and takes its recorded settings)."""
     from ..stages.common import DataSettings
@@ -82,4 +87,4 @@ def new_run_settings(sensitive, public, resolution, channels, limit, seed, data_
     if not sensitive:
         return None
     return DataSettings(sensitive=sensitive, public=public, resolution=resolution, channels=channels,
-                        limit=limit, seed=seed, data_root=data_root)
+                        limit=limit, seed=seed, data_root=data_root, holdout=holdout, noisy_val_eps=noisy_val_eps)
