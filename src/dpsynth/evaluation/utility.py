@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from dpsynth.errors import BadInput
 from dpsynth.evaluation.checks import check_images, check_label_values, check_labels
-from dpsynth.evaluation.classifiers import build_classifier, classifier_names
+from dpsynth.evaluation.classifiers import build_classifier, classifier_names, published_options
 from dpsynth.evaluation.selection import (DP_SAFE, NOISY_VAL, PROTOCOLS, TEST_SET, add_noise, best_epoch,
                                           check_protocol, is_dp_safe)
 from dpsynth.evaluation.splits import stratified_split
@@ -232,6 +232,12 @@ def _train_one_epoch(model, opt, images, labels, batch_size, device, gen, progre
     return step
 
 
+def _build(classifier: str, image_shape, num_classes: int) -> nn.Module:
+    channels, resolution = image_shape[0], image_shape[1]
+    return build_classifier(classifier, channels, num_classes, resolution,
+                            **published_options(classifier, channels, resolution))
+
+
 def _clone_state(model: nn.Module) -> dict:
     # Clone: state_dict() returns live references that later steps would overwrite.
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -257,7 +263,7 @@ def train_with_rules(
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     image_shape = tuple(train_x.shape[1:])
-    model = build_classifier(classifier, image_shape[0], num_classes, image_shape[1]).to(device)
+    model = _build(classifier, image_shape, num_classes).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     total_steps = epochs * -(-train_x.shape[0] // batch_size)
     scores: dict[str, list[float]] = {name: [] for name in rules}
@@ -445,7 +451,7 @@ def evaluate_protocols(
         for protocol in protocols:
             scores[protocol][classifier] = per_rule[protocol]
             if protocol != TEST_SET:
-                replica = build_classifier(classifier, image_shape[0], num_classes, image_shape[1]).to(device)
+                replica = _build(classifier, image_shape, num_classes).to(device)
                 replica.load_state_dict(best[protocol])
                 chosen[(protocol, classifier)] = replica
         del model, best
