@@ -152,6 +152,9 @@ def test_noisy_val_without_a_holdout_is_bad_input_and_changes_nothing(tmp_path, 
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no sensitive hold-out" in err[0] and "--holdout" in err[0]
     assert snapshot(bare.path) == before
+    with pytest.raises(BadInput, match="fixed at creation"):
+        open_or_create_run(bare.path, method=None, settings=DataSettings(**SETTINGS, holdout=0.1), delta=None)
+    assert snapshot(bare.path) == before
     with pytest.raises(BadInput, match="--holdout"):
         DataSettings(**SETTINGS, holdout=0.9)
     with pytest.raises(BadInput, match="needs a sensitive hold-out"):

@@ -182,3 +182,18 @@ def test_markdown_names_best_and_mean_and_keeps_noisy_val_dp(tmp_path):
     rows = {line.split(" | ")[5]: line for line in markdown.splitlines()[2:]}
     assert set(rows) == {"dp-safe-selection", "noisy-val", "test-set-selection (NOT DP)"}
     assert "| 0.25 |" in rows["noisy-val"] and "| 3.5 |" in rows["noisy-val"]
+
+
+def test_per_classifier_accuracies_become_columns(tmp_path):
+    path = make_run(tmp_path / "multi", 2.0, ["dp-safe-selection"])
+    run = RunDir.open(path)
+    run.manifest["results"]["dp-safe-selection"].update(
+        classifier="cnn,wrn", accuracy=0.8, accuracy_mean=0.7,
+        per_classifier={"cnn": {"accuracy": 0.6, "selected_epoch": 2}, "wrn": {"accuracy": 0.8, "selected_epoch": 3}})
+    with run.lock():
+        run.save()
+    table = collect_results([str(path)])
+    assert table[["accuracy_cnn", "accuracy_wrn"]].iloc[0].tolist() == [0.6, 0.8]
+    assert table["accuracy"].iloc[0] == max(0.6, 0.8) and table["accuracy_mean"].iloc[0] == pytest.approx(0.7)
+    header = format_table(table, "markdown").splitlines()[0]
+    assert "| accuracy | accuracy_mean | accuracy_cnn | accuracy_wrn |" in header

@@ -36,6 +36,7 @@ COLUMNS = ("run", "run_id", "method", "sensitive", "epsilon", "delta", "accounta
 RESULT_KEYS = ("protocol", "dp_safe", "classifier", "accuracy", "accuracy_mean", "best_classifier", *DOMAIN_COLUMNS,
                *INCEPTION_COLUMNS, "image_reward", "feature_network", "n_synthetic")
 NOT_EVALUATED = "(not evaluated)"
+PER_CLASSIFIER = "accuracy_"  # prefix of one column per classifier
 NOT_DP_PROTOCOL = "test-set-selection"
 FORMATS = ("markdown", "csv")
 DEFAULT_OUT = "reports"
@@ -63,7 +64,9 @@ def collect_results(run_paths: Sequence[str | Path]) -> pd.DataFrame:
     rows: list[dict] = []
     for path, run in _open_runs(run_paths):
         rows.extend(_rows(path, run))
-    return pd.DataFrame(rows, columns=list(COLUMNS))
+    # Each classifier's own accuracy, after the fixed columns (accuracy_<name>, as in results.csv).
+    extra = sorted({key for row in rows for key in row if key not in COLUMNS})
+    return pd.DataFrame(rows, columns=[*COLUMNS, *extra])
 
 
 def _open_runs(run_paths: Sequence[str | Path]) -> list[tuple[Path, RunDir]]:
@@ -121,6 +124,10 @@ def _rows(path: Path, run: RunDir) -> list[dict]:
         if not isinstance(result, dict):
             raise RunDirError(f"manifest {run.path / MANIFEST} is invalid: results[{name!r}] is not a mapping")
         row = {**base, **{key: _value(result.get(key)) for key in RESULT_KEYS}}
+        per_classifier = result.get("per_classifier")
+        if isinstance(per_classifier, dict):
+            row.update({f"{PER_CLASSIFIER}{name}": _value((values or {}).get("accuracy"))
+                        for name, values in per_classifier.items() if isinstance(values, dict)})
         if _missing(row["protocol"]):
             row["protocol"] = str(name)
         rows.append(row)
@@ -157,6 +164,10 @@ def format_table(table: pd.DataFrame, fmt: str = "markdown") -> str:
     if fmt == "csv":
         return table.to_csv(index=False)
     header = [c for c in _DISPLAY if c not in INCEPTION_COLUMNS or table[c].notna().any()]
+    # Per-classifier accuracies only when some row averages over more than one classifier.
+    if table["classifier"].astype(str).str.contains(",").any():
+        at = header.index("accuracy_mean") + 1
+        header[at:at] = [c for c in table.columns if c.startswith(PER_CLASSIFIER) and c not in COLUMNS]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     for _, row in table.iterrows():
         cells = []

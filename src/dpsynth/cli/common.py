@@ -85,6 +85,10 @@ def new_run_settings(sensitive, public, resolution, channels, limit, seed, data_
     from ..stages.common import DataSettings
 
     if not sensitive:
+        if holdout or noisy_val_eps is not None:
+            from ..errors import BadInput
+            raise BadInput("--holdout and --noisy-val-eps are fixed when a run is created; pass them with "
+                           "--sensitive on the run's first stage")
         return None
     return DataSettings(sensitive=sensitive, public=public, resolution=resolution, channels=channels,
                         limit=limit, seed=seed, data_root=data_root, holdout=holdout, noisy_val_eps=noisy_val_eps)

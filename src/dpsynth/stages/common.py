@@ -127,6 +127,9 @@ def open_or_create_run(run_path: str | Path, *, method: str | None, settings: Da
         recorded = settings_from_run(run)
         if settings and settings.sensitive and settings.sensitive != recorded.sensitive:
             raise BadInput(f"--sensitive {settings.sensitive} does not match this run's {recorded.sensitive!r}")
+        if settings and (settings.holdout != recorded.holdout or settings.noisy_val_eps != recorded.noisy_val_eps):
+            raise BadInput(f"--holdout {settings.holdout:g} / --noisy-val-eps {settings.noisy_val_eps} differ from "
+                           f"this run's ({recorded.holdout:g} / {recorded.noisy_val_eps}); they are fixed at creation")
         if delta is not None and delta != run.delta:
             raise BadInput(f"--delta {delta:g} differs from this run's delta {run.delta:g}; delta is fixed per run")
         sensitive = load_sensitive(recorded)
