@@ -83,7 +83,15 @@ def run_evaluate(run_path: str | Path, *, protocol: str = DP_SAFE, classifier: s
         protocols.remove(NOISY_VAL)
         unavailable[NOISY_VAL] = "unavailable: " + reason
     # Privacy first: the noisy-val event is decided and checked before anything is computed or written.
-    plan = _plan_noisy_val(run, len(classifiers) * epochs, val_eps, val_noise) if NOISY_VAL in protocols else None
+    plan = None
+    if NOISY_VAL in protocols:
+        try:
+            plan = _plan_noisy_val(run, len(classifiers) * epochs, val_eps, val_noise)
+        except BudgetExhausted as exc:
+            if not compare_protocols:
+                raise
+            protocols.remove(NOISY_VAL)  # a comparison still runs the two protocols that cost nothing
+            unavailable[NOISY_VAL] = f"unavailable: {exc}"
     features = _feature_network(run, settings, feature_public, inception_weights)
     holdout = load_holdout(run) if plan else None
 

@@ -25,11 +25,11 @@ import torch
 
 from ..data import ImageSet
 from ..errors import BadInput
+from ..evaluation.selection import NOISES
 from ..evaluation.splits import stratified_split
 from ..privacy.accountant import calibrate_gaussian_sigma, epsilon_upper
 from ..privacy.events import GaussianEvent, LaplaceEvent, PrivacyEvent
 
-NOISES = ("laplace", "gaussian")
 MAX_FRACTION = 0.5
 # Salt so the hold-out draw is not the same permutation as other seed-driven splits.
 _SALT = 0x484F4C44
