@@ -246,7 +246,8 @@ def privacy_utility_figure(table: pd.DataFrame):
                 ax_acc.scatter([row["epsilon"]], [row["accuracy"]], **style)
             if not _missing(row[fid_column]):
                 ax_fid.scatter([row["epsilon"]], [row[fid_column]], **style)
-    _curves(table, ax_acc, ax_fid, fid_column)
+    for protocol in _curves(table, ax_acc, ax_fid, fid_column):
+        handles.append(Line2D([], [], color="grey", linestyle=_CURVE_STYLE[protocol], label=f"{protocol} across runs"))
     if any_not_dp:
         handles.append(Line2D([], [], color="black", marker="x", linestyle="", label="NOT DP (test-set selection)"))
     epsilon_label = "ε (privacy ledger, at each run's δ)"
@@ -264,18 +265,25 @@ def privacy_utility_figure(table: pd.DataFrame):
     return fig
 
 
-def _curves(table: pd.DataFrame, ax_acc, ax_fid, fid_column: str) -> None:
+_CURVE_STYLE = {"dp-safe-selection": "-", "noisy-val": "--"}
+
+
+def _curves(table: pd.DataFrame, ax_acc, ax_fid, fid_column: str) -> list[str]:
     """The privacy-utility curves: per (method, sensitive set, DP-safe protocol), a line through the
-    runs' points in order of epsilon, where at least two runs share them."""
-    rows = table[table["protocol"].isin(["dp-safe-selection", "noisy-val"])]
+    runs' points in order of epsilon, where at least two runs share them. Returns the protocols drawn."""
+    drawn: list[str] = []
+    rows = table[table["protocol"].isin(list(_CURVE_STYLE))]
     for (method, sensitive, protocol), group in rows.groupby(["method", "sensitive", "protocol"], dropna=False):
         group = group.sort_values("epsilon")
         if group["run"].nunique() < 2:
             continue
-        style = dict(color="grey", linewidth=1, linestyle="-" if protocol == "dp-safe-selection" else "--",
+        style = dict(color="grey", linewidth=1, linestyle=_CURVE_STYLE[protocol],
                      label=f"{method} / {sensitive} / {protocol}", zorder=0)
         ax_acc.plot(group["epsilon"], group["accuracy"], **style)
         ax_fid.plot(group["epsilon"], group[fid_column], **style)
+        if protocol not in drawn:
+            drawn.append(protocol)
+    return drawn
 
 
 def class_counts_figure(counts: dict[str, np.ndarray]):
