@@ -159,3 +159,12 @@ def test_noisy_val_without_a_holdout_is_bad_input_and_changes_nothing(tmp_path, 
         DataSettings(**SETTINGS, holdout=0.9)
     with pytest.raises(BadInput, match="needs a sensitive hold-out"):
         DataSettings(**SETTINGS, noisy_val_eps=0.1)
+
+
+def test_inception_weights_that_cannot_be_clean_fids_file_are_refused(run, tmp_path):
+    before = snapshot(run.path)
+    with pytest.raises(BadInput, match="must be clean-fid's file named inception-2015-12-05.pt"):
+        evaluate_stage.run_evaluate(run.path, inception_weights=str(tmp_path / "weights.pt"))
+    with pytest.raises(BadInput, match="does not exist or is empty"):
+        evaluate_stage.run_evaluate(run.path, inception_weights=str(tmp_path / "inception-2015-12-05.pt"))
+    assert snapshot(run.path) == before
