@@ -124,6 +124,12 @@ def test_noisy_val_spends_the_reservation_once_then_refuses_without_budget(run, 
     with pytest.raises(BudgetExhausted, match="target epsilon"):
         evaluate_stage.run_evaluate(run.path, protocol="noisy-val", epochs=2, val_eps=5.0)
     assert snapshot(run.path) == before
+    # A comparison still runs the two free protocols and says why noisy-val is missing.
+    compared = evaluate_stage.run_evaluate(run.path, compare_protocols=True, epochs=1, batch_size=128)
+    assert compared["noisy-val"].startswith("unavailable: ") and "reserved none" in compared["noisy-val"]
+    assert compared["overstatement"] == pytest.approx(compared["test_set_selection_accuracy_NOT_DP"]
+                                                      - compared["accuracy"]) and compared["overstatement"] >= 0
+    assert RunDir.open(run.path).manifest["privacy"]["events"] == events_before
 
 
 def test_a_charge_that_fits_the_target_is_recorded_before_the_counts(tmp_path, feature_cache, monkeypatch):
