@@ -36,9 +36,8 @@ _SALT = 0x484F4C44
 
 
 def check_holdout(fraction: float) -> None:
-    if fraction is None or not (isinstance(fraction, (int, float)) and math.isfinite(fraction)):
-        raise BadInput(f"--holdout {fraction!r} is not allowed; it must be a fraction in [0, {MAX_FRACTION}]")
-    if not 0.0 <= fraction <= MAX_FRACTION:
+    ok = isinstance(fraction, (int, float)) and not isinstance(fraction, bool) and math.isfinite(fraction)
+    if not ok or not 0.0 <= fraction <= MAX_FRACTION:
         raise BadInput(f"--holdout {fraction!r} is not allowed; it must be a fraction in [0, {MAX_FRACTION}]")
 
 
@@ -54,7 +53,11 @@ def holdout_indices(images: ImageSet, fraction: float, seed: int) -> torch.Tenso
         return torch.zeros(0, dtype=torch.int64)
     if images.labels is None:
         raise BadInput(f"--holdout needs a labelled sensitive set; {images.name} has no labels")
-    _, held = stratified_split(images.labels, fraction, seed ^ _SALT)
+    try:
+        _, held = stratified_split(images.labels, fraction, seed ^ _SALT)
+    except BadInput:
+        raise BadInput(f"--holdout {fraction:g} of {len(images)} sensitive images leaves the hold-out or the "
+                       f"training part empty; use a larger set or another fraction") from None
     return held.sort().values
 
 
