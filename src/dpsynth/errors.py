@@ -27,3 +27,8 @@ class IntegrityError(DpsynthError):
 
 class BudgetExhausted(DpsynthError):
     """The privacy ledger cannot fit the requested mechanism within the target epsilon."""
+
+
+class StorageError(DpsynthError):
+    """A file could not be written (full disk, read-only or unwritable location); the previous
+    version of the file, if any, is left in place."""
