@@ -80,7 +80,7 @@ CASES = [
     (["generate", "--n", "10", "--run", "{base:deleted_artifact}"], ["generator.pt is missing"]),
     (["generate", "--n", "10", "--run", "{base:stale_lock}"], ["stale lock from process", "remove", ".lock"]),
     (["generate", "--n", "10", "--run", "{base:live_lock}"], ["in use by process"]),
-    (["finetune", "--eps", "0.5", "--batch-size", "100", "--run", "{base:ok}"], ["already spent", "eps=0.5"]),
+    (["finetune", "--eps", "0.5", "--batch-size", "200", "--run", "{base:ok}"], ["already spent", "eps=0.5"]),
     (["finetune", "--eps", "5", "--delta", "0.0001", "--run", "{base:ok}"], ["--delta 0.0001", "fixed per run"]),
     (["finetune", "--eps", "5", "--method", "pdp-cvae", "--run", "{base:ok}"], ["--method pdp-cvae", "'dp-cvae'"]),
     # unwritable output and a full disk
@@ -142,10 +142,10 @@ BASE = {
 
 @pytest.fixture(scope="module")
 def base_run(tmp_path_factory):
-    """A real completed run (dp-cvae on 200 digits, eps 1): the starting point of run-directory cases."""
+    """A real completed run (dp-cvae on 200 digits, eps 1, full batches): the starting point of run-directory cases."""
     run = tmp_path_factory.mktemp("base") / "run"
     code = main(["finetune", "--sensitive", "digits", "--limit", "200", "--method", "dp-cvae", "--eps", "1",
-                 "--epochs", "1", "--batch-size", "100", "--run", str(run), "--quiet", "--json"])
+                 "--epochs", "2", "--batch-size", "200", "--run", str(run), "--quiet", "--json"])
     assert code == 0
     return run
 

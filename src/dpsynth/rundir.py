@@ -184,6 +184,7 @@ class RunDir:
             raise StorageError(f"cannot write lock {lock_path}: {_os_reason(exc)}") from None
         try:
             self._check_unchanged_since_read()
+            _remove_dead_temp_files(self.path)
             yield self
         finally:
             with contextlib.suppress(FileNotFoundError):
@@ -289,6 +290,16 @@ class RunDir:
     def read_artifact(self, name: str) -> bytes:
         path = self.verify_artifact(name)
         return path.read_bytes()
+
+
+def _remove_dead_temp_files(directory: Path) -> None:
+    """Temp files of a writer killed mid-write (`.NAME.PID.HEX.tmp`, PID dead) are garbage:
+    the rename never happened, so the real file is still the old one."""
+    for tmp in directory.glob(".*.tmp"):
+        parts = tmp.name.rsplit(".", 3)
+        if len(parts) == 4 and parts[1].isdigit() and not _pid_alive(int(parts[1])):
+            with contextlib.suppress(OSError):
+                tmp.unlink()
 
 
 def _remove_empty(created: list[Path]) -> None:
