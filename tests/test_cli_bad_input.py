@@ -40,6 +40,7 @@ CASES = [
     (["finetune", "--eps", "1", "--sensitive", "digits", "--method", "dp-cvae", "--delta", "0.001"],
      ["--delta 0.001", "< 1/N", "N=1797"]),
     (["finetune", "--eps", "1", "--clip", "0", "--sensitive", "digits"], ["--clip 0.0", "> 0"]),
+    (["finetune", "--eps", "1", "--secure"], ["--secure needs the torchcsprng package", "drop --secure"]),
     (["audit", "--eps", "0"], ["--eps 0.0", "> 0"]),
     (["audit", "--canaries", "5"], ["--canaries 5", ">= 10"]),
     # counts
