@@ -30,6 +30,9 @@ ResolutionOpt = typer.Option(None, "--resolution", help="Image size for the run 
 ChannelsOpt = typer.Option(None, "--channels", help="1 or 3 (default: the sensitive set's).")
 LimitOpt = typer.Option(None, "--limit", help="Use a class-stratified subset of this many sensitive images.")
 SeedOpt = typer.Option(0, "--seed", help="Seed for model init and splits (never for DP noise).")
+ArchOpt = typer.Option(None, "--arch", help="Generator architecture overrides: JSON or k=v pairs "
+                                             "(e.g. width=16,ch_mult=2:2); fixed by the first stage that builds it.")
+DeviceOpt = typer.Option("auto", "--device", help="auto (GPU if visible), cpu or cuda[:N].")
 DeltaOpt = typer.Option(None, "--delta", help="Run's delta (default 1/(N ln N)); fixed once a run exists.")
 
 
@@ -53,6 +56,9 @@ def progress_bars(quiet: bool) -> Iterator:
 
 
 def emit(result: dict, as_json: bool, title: str) -> None:
+    if result.get("skipped") and not as_json:
+        err.print(f"{title.split(' ')[0]}: skipped: {result['reason']}")
+        return
     if as_json:
         sys.stdout.write(json.dumps(result, default=str) + "\n")
         return

@@ -5,18 +5,31 @@ from typing import Optional
 import typer
 
 from ..stages.finetune import run_finetune
-from .common import (ChannelsOpt, DataRootOpt, DeltaOpt, JsonOpt, LimitOpt, MethodOpt, PublicOpt, QuietOpt,
-                     ResolutionOpt, RunOpt, SeedOpt, SensitiveOpt, emit, new_run_settings, progress_bars)
+from .common import (ArchOpt, ChannelsOpt, DataRootOpt, DeltaOpt, DeviceOpt, JsonOpt, LimitOpt, MethodOpt, PublicOpt,
+                     QuietOpt, ResolutionOpt, RunOpt, SeedOpt, SensitiveOpt, emit, new_run_settings, progress_bars)
+
+_DEFAULT = " Default: the method's."
 
 
 def command(
     eps: float = typer.Option(..., "--eps", help="Target epsilon for the WHOLE run (all stages)."),
-    epochs: int = typer.Option(2, "--epochs"), batch_size: int = typer.Option(512, "--batch-size",
-                                                                            help="Expected (Poisson) batch size."),
-    clip: float = typer.Option(1.0, "--clip", help="Per-sample gradient clipping norm."),
-    lr: float = typer.Option(1e-3, "--lr"),
-    grad_sample_mode: str = typer.Option("ghost", "--grad-sample-mode", help="opacus mode: ghost, hooks, functorch."),
+    epochs: Optional[int] = typer.Option(None, "--epochs", help="Passes over the sensitive set." + _DEFAULT),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Expected (Poisson) logical batch size."
+                                             + _DEFAULT),
+    clip: Optional[float] = typer.Option(None, "--clip", help="Per-example gradient clipping norm." + _DEFAULT),
+    lr: Optional[float] = typer.Option(None, "--lr", help="Learning rate." + _DEFAULT),
+    grad_sample_mode: Optional[str] = typer.Option(None, "--grad-sample-mode",
+                                                   help="Per-example gradients: vmap, ghost, hooks, functorch."
+                                                        + _DEFAULT),
+    noise_multiplicity: Optional[int] = typer.Option(None, "--noise-multiplicity", "-K",
+                                                     help="Diffusion noise draws averaged per example before "
+                                                          "clipping (DPDM)." + _DEFAULT),
+    physical_batch_size: Optional[int] = typer.Option(None, "--physical-batch-size",
+                                                      help="Examples per forward/backward; logical batches are "
+                                                           "split (virtual steps)." + _DEFAULT),
+    ema: Optional[float] = typer.Option(None, "--ema", help="EMA rate of the weights (e.g. 0.999)." + _DEFAULT),
     secure: bool = typer.Option(False, "--secure", help="opacus secure_mode (CSPRNG noise; slower)."),
+    arch: Optional[str] = ArchOpt, device: str = DeviceOpt,
     run: str = RunOpt, sensitive: Optional[str] = SensitiveOpt, public: Optional[str] = PublicOpt,
     method: Optional[str] = MethodOpt, data_root: Optional[str] = DataRootOpt,
     resolution: Optional[int] = ResolutionOpt, channels: Optional[int] = ChannelsOpt, limit: Optional[int] = LimitOpt,
@@ -26,6 +39,7 @@ def command(
     settings = new_run_settings(sensitive, public, resolution, channels, limit, seed, data_root)
     with progress_bars(quiet or json_out) as progress:
         result = run_finetune(run, settings, eps=eps, delta=delta, epochs=epochs, batch_size=batch_size, clip=clip,
-                              lr=lr, grad_sample_mode=grad_sample_mode, secure=secure, method=method,
-                              progress=progress)
+                              lr=lr, grad_sample_mode=grad_sample_mode, noise_multiplicity=noise_multiplicity,
+                              physical_batch_size=physical_batch_size, ema=ema, secure=secure, method=method,
+                              arch=arch, device=device, progress=progress)
     emit(result, json_out, f"finetune → {run}")

@@ -1,15 +1,25 @@
 """`dpsynth generate`: labelled synthetic images (npz) and a PNG grid."""
 
+from typing import Optional
+
 import typer
 
 from ..stages.generate import run_generate
-from .common import JsonOpt, QuietOpt, RunOpt, emit, progress_bars
+from .common import DeviceOpt, JsonOpt, QuietOpt, RunOpt, emit, progress_bars
 
 
 def command(n: int = typer.Option(10000, "--n", help="Number of images (class-balanced)."),
-            seed: int = typer.Option(0, "--seed"), run: str = RunOpt, quiet: bool = QuietOpt,
-            json_out: bool = JsonOpt) -> None:
+            seed: int = typer.Option(0, "--seed"),
+            steps: Optional[int] = typer.Option(None, "--steps", help="Diffusion sampler steps (Heun). "
+                                                                       "Default: the method's."),
+            guidance: Optional[float] = typer.Option(None, "--guidance", help="Classifier-free guidance scale "
+                                                                               "(needs a model trained with label "
+                                                                               "dropout). Default 0."),
+            batch_size: int = typer.Option(1000, "--batch-size", help="Images per sampler batch."),
+            ema: bool = typer.Option(True, "--ema/--no-ema", help="Use the EMA weights when the run has them."),
+            device: str = DeviceOpt, run: str = RunOpt, quiet: bool = QuietOpt, json_out: bool = JsonOpt) -> None:
     """Sample the fine-tuned generator (post-processing: no privacy cost)."""
     with progress_bars(quiet or json_out) as progress:
-        result = run_generate(run, n=n, seed=seed, progress=progress)
+        result = run_generate(run, n=n, seed=seed, batch_size=batch_size, steps=steps, guidance=guidance,
+                              device=device, use_ema=ema, progress=progress)
     emit(result, json_out, f"generate → {run}")

@@ -1,25 +1,35 @@
-"""`dpsynth pretrain`: train the generator on (selected) public data; no privacy cost."""
+"""`dpsynth pretrain`: the generator's start: public data, or DP-FETA's DP central images."""
 
 from typing import Optional
 
 import typer
 
 from ..stages.pretrain import run_pretrain
-from .common import (ChannelsOpt, DataRootOpt, DeltaOpt, JsonOpt, LimitOpt, MethodOpt, PublicOpt, QuietOpt,
-                     ResolutionOpt, RunOpt, SeedOpt, SensitiveOpt, emit, new_run_settings, progress_bars)
+from .common import (ArchOpt, ChannelsOpt, DataRootOpt, DeltaOpt, DeviceOpt, JsonOpt, LimitOpt, MethodOpt, PublicOpt,
+                     QuietOpt, ResolutionOpt, RunOpt, SeedOpt, SensitiveOpt, emit, new_run_settings, progress_bars)
 
 
 def command(
-    epochs: int = typer.Option(10, "--epochs"), batch_size: int = typer.Option(128, "--batch-size"),
-    lr: float = typer.Option(2e-3, "--lr"),
+    epochs: Optional[int] = typer.Option(None, "--epochs", help="Default: the method's."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Default: the method's."),
+    lr: Optional[float] = typer.Option(None, "--lr", help="Default: the method's."),
+    central_sigma: float = typer.Option(5.0, "--central-sigma", help="DP-FETA: noise multiplier of each central-image "
+                                                                     "query."),
+    central_queries: int = typer.Option(5, "--central-queries", help="DP-FETA: number of queries (images per class)."),
+    central_batch: int = typer.Option(6000, "--central-batch", help="DP-FETA: expected Poisson batch per query."),
+    augment: bool = typer.Option(True, "--augment/--no-augment", help="DP-FETA: RandAugment during the warm-up."),
+    arch: Optional[str] = ArchOpt, device: str = DeviceOpt,
     run: str = RunOpt, sensitive: Optional[str] = SensitiveOpt, public: Optional[str] = PublicOpt,
     method: Optional[str] = MethodOpt, data_root: Optional[str] = DataRootOpt,
     resolution: Optional[int] = ResolutionOpt, channels: Optional[int] = ChannelsOpt, limit: Optional[int] = LimitOpt,
     seed: int = SeedOpt, delta: Optional[float] = DeltaOpt, quiet: bool = QuietOpt, json_out: bool = JsonOpt,
 ) -> None:
-    """Pretrain the generator on the public subset chosen by select-public (or the whole public set)."""
+    """Pretrain on the public subset chosen by select-public (or the whole public set), or warm up on DP-FETA's
+    central images (a privacy event)."""
     settings = new_run_settings(sensitive, public, resolution, channels, limit, seed, data_root)
     with progress_bars(quiet or json_out) as progress:
         result = run_pretrain(run, settings, epochs=epochs, batch_size=batch_size, lr=lr, method=method,
-                              delta=delta, progress=progress)
+                              delta=delta, arch=arch, device=device, central_sigma=central_sigma,
+                              central_queries=central_queries, central_batch=central_batch, augment=augment,
+                              progress=progress)
     emit(result, json_out, f"pretrain → {run}")

@@ -9,6 +9,7 @@ CLI's default map, so a recipe can only set values a user could type.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import yaml
@@ -33,5 +34,7 @@ def load_recipe(path: Path, commands: set[str]) -> dict:
             raise BadInput(f"recipe {path}: section {section!r} is not a command; allowed: {', '.join(sorted(commands))}")
         if not isinstance(options, dict):
             raise BadInput(f"recipe {path}: section {section!r} must be a mapping of option -> value")
-        default_map[section] = {str(k).replace("-", "_"): v for k, v in options.items()}
+        # Mappings (e.g. an --arch dict) reach the option as JSON text, as a user would type it.
+        default_map[section] = {str(k).replace("-", "_"): json.dumps(v) if isinstance(v, dict) else v
+                                for k, v in options.items()}
     return default_map

@@ -8,35 +8,60 @@ from pathlib import Path
 import torch
 
 from ..errors import BadInput
-from ..methods import get_method
+from ..methods import get_method, parse_arch
 from ..privacy.accountant import calibrate_noise_multiplier, compose_epsilon
 from ..privacy.events import PoissonGaussianEvent
-from ..training.dpsgd import GRAD_SAMPLE_MODES, DPSGDPlan, check_dp_compatible, check_secure_available, train_dp
+from ..training.device import resolve_device
+from ..training.dpsgd import (GRAD_SAMPLE_MODES, DPSGDPlan, ExponentialMovingAverage, check_dp_compatible,
+                              check_secure_available, train_dp)
 from .common import (DataSettings, Progress, check_positive, no_progress, open_or_create_run, torch_bytes,
                      torch_load_bytes)
 from .pretrain import PRETRAINED, STAGE as PRETRAIN_STAGE
 
 STAGE = "finetune"
 GENERATOR = "generator.pt"
+OPTIONS = ("epochs", "batch_size", "clip", "lr", "grad_sample_mode", "noise_multiplicity", "physical_batch_size",
+           "ema")
+
+
+def resolve_options(method_obj, given: dict) -> dict:
+    """Explicit options over the method's defaults, then validated."""
+    opts = {k: (given.get(k) if given.get(k) is not None else method_obj.finetune_defaults.get(k)) for k in OPTIONS}
+    for flag in ("epochs", "batch_size", "noise_multiplicity"):
+        check_positive("--" + flag.replace("_", "-"), opts[flag], integer=True)
+    check_positive("--clip", opts["clip"])
+    check_positive("--lr", opts["lr"])
+    if opts["physical_batch_size"] is not None:
+        check_positive("--physical-batch-size", opts["physical_batch_size"], integer=True)
+    if opts["ema"] is not None and not (0.0 < opts["ema"] < 1.0):
+        raise BadInput(f"--ema {opts['ema']!r} must be between 0 and 1 (e.g. 0.999)")
+    if opts["grad_sample_mode"] not in GRAD_SAMPLE_MODES:
+        raise BadInput(f"--grad-sample-mode {opts['grad_sample_mode']!r} is unknown; "
+                       f"choose one of {', '.join(GRAD_SAMPLE_MODES)}")
+    if opts["grad_sample_mode"] == "ghost" and opts["noise_multiplicity"] > 1:
+        raise BadInput(f"--grad-sample-mode ghost cannot average --noise-multiplicity {opts['noise_multiplicity']} "
+                       f"draws per example; use vmap, hooks or functorch")
+    return opts
 
 
 def run_finetune(run_path: str | Path, settings: DataSettings | None = None, *, eps: float,
-                 delta: float | None = None, epochs: int = 2, batch_size: int = 512, clip: float = 1.0,
-                 lr: float = 1e-3, grad_sample_mode: str = "ghost", secure: bool = False,
-                 method: str | None = None, progress: Progress = no_progress) -> dict:
+                 delta: float | None = None, epochs: int | None = None, batch_size: int | None = None,
+                 clip: float | None = None, lr: float | None = None, grad_sample_mode: str | None = None,
+                 noise_multiplicity: int | None = None, physical_batch_size: int | None = None,
+                 ema: float | None = None, secure: bool = False, method: str | None = None,
+                 arch: str | dict | None = None, device: str | None = None,
+                 progress: Progress = no_progress) -> dict:
     check_positive("--eps", eps)
-    check_positive("--epochs", epochs, integer=True)
-    check_positive("--batch-size", batch_size, integer=True)
-    check_positive("--clip", clip)
-    check_positive("--lr", lr)
-    if grad_sample_mode not in GRAD_SAMPLE_MODES:
-        raise BadInput(f"--grad-sample-mode {grad_sample_mode!r} is unknown; choose one of {', '.join(GRAD_SAMPLE_MODES)}")
+    if method is not None:
+        resolve_options(get_method(method), locals())  # flags checked before any data is read
     check_secure_available(secure)
     run, sensitive = open_or_create_run(run_path, method=method, settings=settings, delta=delta)
-    method_obj = get_method(run.manifest["method"])
+    method_obj = get_method(run.manifest["method"], parse_arch(arch))
+    opts = resolve_options(method_obj, {k: v for k, v in locals().items() if k in OPTIONS})
     seed = run.manifest["settings"].get("seed", 0)
+    torch_device = resolve_device(device)
 
-    plan = DPSGDPlan(dataset_size=len(sensitive), batch_size=batch_size, epochs=epochs)
+    plan = DPSGDPlan(dataset_size=len(sensitive), batch_size=opts["batch_size"], epochs=opts["epochs"])
     spent = run.events()
     # Solved before anything is written: an over-budget request changes nothing on disk.
     sigma = calibrate_noise_multiplier(spent, eps, run.delta, sample_rate=plan.sample_rate, steps=plan.steps)
@@ -48,17 +73,24 @@ def run_finetune(run_path: str | Path, settings: DataSettings | None = None, *, 
 
     _, c, r, _ = sensitive.images.shape
     torch.manual_seed(seed)
-    generator = method_obj.build_generator(r, c, sensitive.num_classes)
     inputs = []
-    if method_obj.uses_pretraining:
+    if method_obj.uses_pretrain_stage:
         run.require_stage(PRETRAIN_STAGE, STAGE)
-        generator.load_state_dict(torch_load_bytes(run.read_artifact(PRETRAINED))["state_dict"])
+        state = torch_load_bytes(run.read_artifact(PRETRAINED))
+        if arch:
+            raise BadInput(f"--arch is fixed by the pretrain stage ({state['config']}); drop --arch")
+        generator = method_obj.generator_from_config(state["config"])
+        generator.load_state_dict(state["state_dict"])
         inputs.append(PRETRAINED)
+    else:
+        generator = method_obj.build_generator(r, c, sensitive.num_classes)
     check_dp_compatible(generator)
+    generator.to(torch_device)
+    ema_tracker = ExponentialMovingAverage(generator, opts["ema"]) if opts["ema"] else None
 
-    config = {"eps": eps, "delta": run.delta, "epochs": epochs, "batch_size": batch_size, "clip": clip, "lr": lr,
-              "grad_sample_mode": grad_sample_mode, "secure": secure, "noise_multiplier": sigma,
-              "sample_rate": plan.sample_rate, "steps": plan.steps, "generator": generator.cfg.to_dict()}
+    config = {"eps": eps, "delta": run.delta, **opts, "secure": secure, "noise_multiplier": sigma,
+              "sample_rate": plan.sample_rate, "steps": plan.steps, "device": str(torch_device),
+              "parameters": sum(p.numel() for p in generator.parameters()), "generator": generator.cfg.to_dict()}
     with run.lock():
         run.begin_stage(STAGE, config, inputs=inputs)
         run.manifest["privacy"]["target_epsilon"] = float(eps)
@@ -67,14 +99,19 @@ def run_finetune(run_path: str | Path, settings: DataSettings | None = None, *, 
         torch.manual_seed(secrets.randbits(63))
         try:
             trained = train_dp(generator, sensitive.images, sensitive.labels, method_obj.per_sample_loss, plan=plan,
-                               noise_multiplier=sigma, clip=clip, lr=lr, grad_sample_mode=grad_sample_mode,
-                               secure=secure,
+                               noise_multiplier=sigma, clip=opts["clip"], lr=opts["lr"],
+                               grad_sample_mode=opts["grad_sample_mode"], secure=secure,
+                               noise_multiplicity=opts["noise_multiplicity"],
+                               physical_batch_size=opts["physical_batch_size"], ema=ema_tracker,
                                progress=lambda d, t, _l: progress("finetune (DP-SGD)", d, t))
         except BaseException:
             run.end_stage(STAGE, status="failed")
             raise
-        run.write_artifact(STAGE, GENERATOR, torch_bytes({"state_dict": trained.state_dict(),
-                                                          "config": trained.cfg.to_dict()}))
+        trained = trained.cpu()
+        payload = {"state_dict": trained.state_dict(), "config": trained.cfg.to_dict()}
+        if ema_tracker is not None:
+            payload["ema_state_dict"] = {k: v.cpu() for k, v in ema_tracker.state_dict().items()}
+        run.write_artifact(STAGE, GENERATOR, torch_bytes(payload))
         run.end_stage(STAGE)
     return {"epsilon_spent": eps_after, "target_epsilon": eps, "delta": run.delta, "noise_multiplier": sigma,
-            "sample_rate": plan.sample_rate, "steps": plan.steps}
+            "sample_rate": plan.sample_rate, "steps": plan.steps, "method": method_obj.name}

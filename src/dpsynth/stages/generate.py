@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import io
+import time
 from pathlib import Path
 
 import numpy as np
 import torch
 from torchvision.utils import save_image
 
+from ..errors import BadInput
 from ..methods import get_method
+from ..training.device import resolve_device
 from .common import Progress, check_positive, no_progress, torch_load_bytes
 from .finetune import GENERATOR, STAGE as FINETUNE_STAGE
 from ..rundir import RunDir
@@ -25,23 +28,40 @@ def balanced_labels(n: int, num_classes: int) -> torch.Tensor:
 
 
 def run_generate(run_path: str | Path, *, n: int = 10000, seed: int = 0, batch_size: int = 1000,
-                 progress: Progress = no_progress) -> dict:
+                 steps: int | None = None, guidance: float | None = None, device: str | None = None,
+                 use_ema: bool = True, progress: Progress = no_progress) -> dict:
     check_positive("--n", n, integer=True)
+    check_positive("--batch-size", batch_size, integer=True)
     run = RunDir.open(run_path)
+    method = get_method(run.manifest["method"])
+    options = {"steps": steps, "guidance": guidance}
+    options = {k: v for k, v in options.items() if v is not None}
+    unknown = sorted(set(options) - set(method.sample_defaults))
+    if unknown:
+        raise BadInput(f"method {method.name!r} has no sampler setting --{unknown[0]}; "
+                       f"its settings: {', '.join('--' + k for k in method.sample_defaults) or 'none'}")
+    options = {**method.sample_defaults, **options}
+    if "steps" in options:
+        check_positive("--steps", options["steps"], integer=True)
+    if options.get("guidance", 0.0) < 0:
+        raise BadInput(f"--guidance {options['guidance']!r} must be >= 0 (0: plain class-conditional sampling)")
+    torch_device = resolve_device(device)
     run.require_stage(FINETUNE_STAGE, STAGE)
     state = torch_load_bytes(run.read_artifact(GENERATOR))
     sens = run.manifest["sensitive"]
-    model = get_method(run.manifest["method"]).build_generator(sens["resolution"], sens["channels"],
-                                                              sens["num_classes"])
-    model.load_state_dict(state["state_dict"])
-    model.eval()
+    model = method.generator_from_config(state["config"])
+    weights = "ema" if use_ema and "ema_state_dict" in state else "final"
+    model.load_state_dict(state["ema_state_dict"] if weights == "ema" else state["state_dict"])
+    model.to(torch_device).eval()
     labels = balanced_labels(n, sens["num_classes"])
     rng = torch.Generator().manual_seed(seed)
     chunks = []
+    started = time.perf_counter()
     for start in range(0, n, batch_size):
-        chunks.append(model.sample(labels[start:start + batch_size], generator=rng))
+        chunks.append(method.sample(model, labels[start:start + batch_size], rng, **options).cpu())
         progress("generate", min(start + batch_size, n), n)
     images = torch.cat(chunks)
+    elapsed = time.perf_counter() - started
 
     def write_npz(buffer: io.BytesIO) -> None:
         np.savez_compressed(buffer, images=images.numpy(), labels=labels.numpy())
@@ -52,8 +72,10 @@ def run_generate(run_path: str | Path, *, n: int = 10000, seed: int = 0, batch_s
         save_image(images[order].float() / 255.0, buffer, nrow=per_class, padding=2, format="png")
 
     with run.lock():
-        run.begin_stage(STAGE, {"n": n, "seed": seed}, inputs=[GENERATOR])
+        run.begin_stage(STAGE, {"n": n, "seed": seed, "weights": weights, "device": str(torch_device), **options},
+                        inputs=[GENERATOR])
         run.write_artifact(STAGE, SYNTHETIC, write_npz)
         run.write_artifact(STAGE, GRID, write_grid)
         run.end_stage(STAGE)
-    return {"n": n, "synthetic": str(run.artifact_path(SYNTHETIC)), "grid": str(run.artifact_path(GRID))}
+    return {"n": n, "weights": weights, **options, "seconds": round(elapsed, 2),
+            "images_per_second": round(n / max(elapsed, 1e-9), 2), "synthetic": str(run.artifact_path(SYNTHETIC)), "grid": str(run.artifact_path(GRID))}

@@ -1,15 +1,28 @@
-"""Stage `pretrain`: non-private training of the generator on public data (no privacy cost)."""
+"""Stage `pretrain`: the generator's start before DP fine-tuning.
+
+- public pretraining (PDP-Diffusion, PrivImage, the CVAE methods): non-private training on
+  public data, the selected subset relabelled when select-public ran; no privacy cost;
+- DP-FETA's warm-up: DP central images of the SENSITIVE set (a ledger event written before
+  they exist), then non-private training on them (post-processing).
+Methods that use neither say so and change nothing.
+"""
 
 from __future__ import annotations
 
+import io
 import json
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import torch
 
+from ..central_images import central_sample_rate, noisy_central_images
 from ..errors import BadInput
-from ..methods import get_method
+from ..methods import get_method, parse_arch
+from ..privacy.accountant import compose_epsilon
+from ..privacy.events import PoissonGaussianEvent
+from ..training.device import resolve_device
 from ..training.dpsgd import train_nonprivate
 from .common import (DataSettings, Progress, check_positive, load_public, no_progress, open_or_create_run,
                      settings_from_run, torch_bytes)
@@ -17,22 +30,40 @@ from .select_public import SELECTION, STAGE as SELECT_STAGE
 
 STAGE = "pretrain"
 PRETRAINED = "pretrained.pt"
+CENTRAL = "central_images.npz"
 
 
-def run_pretrain(run_path: str | Path, settings: DataSettings | None = None, *, epochs: int = 10,
-                 batch_size: int = 128, lr: float = 2e-3, method: str | None = None,
-                 delta: float | None = None, progress: Progress = no_progress) -> dict:
+def run_pretrain(run_path: str | Path, settings: DataSettings | None = None, *, epochs: int | None = None,
+                 batch_size: int | None = None, lr: float | None = None, method: str | None = None,
+                 delta: float | None = None, arch: str | dict | None = None, device: str | None = None,
+                 central_sigma: float = 5.0, central_queries: int = 5, central_batch: int = 6000,
+                 augment: bool = True, progress: Progress = no_progress) -> dict:
+    if method is not None and not get_method(method).uses_pretrain_stage:
+        return _skipped(method)
+    run, sensitive = open_or_create_run(run_path, method=method, settings=settings, delta=delta)
+    method_obj = get_method(run.manifest["method"], parse_arch(arch))
+    if not method_obj.uses_pretrain_stage:
+        return _skipped(method_obj.name)
+    defaults = method_obj.pretrain_defaults
+    epochs = defaults["epochs"] if epochs is None else epochs
+    batch_size = defaults["batch_size"] if batch_size is None else batch_size
+    lr = defaults["lr"] if lr is None else lr
     check_positive("--epochs", epochs, integer=True)
     check_positive("--batch-size", batch_size, integer=True)
     check_positive("--lr", lr)
-    run, sensitive = open_or_create_run(run_path, method=method, settings=settings, delta=delta)
-    method_obj = get_method(run.manifest["method"])
-    if not method_obj.uses_pretraining:
-        raise BadInput(f"method {method_obj.name!r} has no pretraining stage; run 'dpsynth finetune' next")
+    torch_device = resolve_device(device)
+    _, c, r, _ = sensitive.images.shape
+    torch.manual_seed(settings_from_run(run).seed if run.manifest.get("stages") else (settings.seed if settings else 0))
+    generator = method_obj.build_generator(r, c, sensitive.num_classes)
+
+    if method_obj.uses_central_warmup:
+        return _central_warmup(run, sensitive, method_obj, generator, epochs=epochs, batch_size=batch_size, lr=lr,
+                               sigma=central_sigma, queries=central_queries, central_batch=central_batch,
+                               augment=augment, device=torch_device, progress=progress)
+
     data = settings_from_run(run) if run.manifest["stages"] or settings is None else settings
     if settings is not None and settings.public:
         data = replace(data, public=settings.public)
-
     selection = None
     if method_obj.uses_public_selection:
         run.require_stage(SELECT_STAGE, STAGE)
@@ -51,17 +82,72 @@ def run_pretrain(run_path: str | Path, settings: DataSettings | None = None, *, 
     if len(images) == 0:
         raise BadInput(f"the public subset for pretraining is empty (public dataset {public.name})")
 
-    _, c, r, _ = sensitive.images.shape
-    generator = method_obj.build_generator(r, c, sensitive.num_classes)
     config = {"epochs": epochs, "batch_size": batch_size, "lr": lr, "public": public.name,
-              "public_images": int(len(images)), "generator": generator.cfg.to_dict()}
+              "public_images": int(len(images)), "device": str(torch_device), "generator": generator.cfg.to_dict()}
     with run.lock():
         run.begin_stage(STAGE, config, inputs=[SELECTION] if selection is not None else [])
-        train_nonprivate(generator, images, labels, method_obj.per_sample_loss, epochs=epochs,
+        train_nonprivate(generator.to(torch_device), images, labels, method_obj.per_sample_loss, epochs=epochs,
                          batch_size=batch_size, lr=lr, seed=data.seed,
                          progress=lambda d, t, _l: progress("pretrain (public)", d, t))
-        run.write_artifact(STAGE, PRETRAINED, torch_bytes({"state_dict": generator.state_dict(),
-                                                           "config": generator.cfg.to_dict()}))
+        _save_generator(run, generator)
         run.end_stage(STAGE)
-    return {"public_images": int(len(images)), "epochs": epochs, "epsilon_spent": 0.0}
+    return {"public_images": int(len(images)), "epochs": epochs,
+            "epsilon_spent": compose_epsilon(run.events(), run.delta).upper if run.events() else 0.0}
 
+
+def _skipped(method: str) -> dict:
+    return {"skipped": True, "reason": f"method {method!r} has no pretrain stage; run 'dpsynth finetune' next"}
+
+
+def _save_generator(run, generator) -> None:
+    generator = generator.cpu()
+    run.write_artifact(STAGE, PRETRAINED, torch_bytes({"state_dict": generator.state_dict(),
+                                                      "config": generator.cfg.to_dict()}))
+
+
+def _central_warmup(run, sensitive, method_obj, generator, *, epochs, batch_size, lr, sigma, queries, central_batch,
+                    augment, device, progress) -> dict:
+    """DP-FETA: release noisy central images (one ledger event), then warm up on them."""
+    check_positive("--central-sigma", sigma)
+    check_positive("--central-queries", queries, integer=True)
+    check_positive("--central-batch", central_batch, integer=True)
+    q = central_sample_rate(len(sensitive), central_batch)
+    event = PoissonGaussianEvent(stage=STAGE, noise_multiplier=float(sigma), sample_rate=q, steps=int(queries))
+    target = run.manifest["privacy"].get("target_epsilon")
+    after = compose_epsilon([*run.events(), event], run.delta)
+    if target is not None and after.upper > target:
+        raise BadInput(f"central images (sigma {sigma}) would bring epsilon to {after.upper:.3f}, over the run's "
+                       f"target {target}; raise --central-sigma")
+    config = {"epochs": epochs, "batch_size": batch_size, "lr": lr, "central_sigma": sigma,
+              "central_queries": queries, "central_sample_rate": q, "augment": augment, "device": str(device),
+              "generator": generator.cfg.to_dict()}
+    with run.lock():
+        run.begin_stage(STAGE, config, inputs=[])
+        run.record_event(event, after)  # write-ahead: before any noisy mean exists
+        central, labels = noisy_central_images(sensitive.images, sensitive.labels, sensitive.num_classes,
+                                               noise_multiplier=sigma, sample_rate=q, queries=queries)
+
+        def write_npz(buffer: io.BytesIO) -> None:
+            np.savez_compressed(buffer, images=central.numpy(), labels=labels.numpy())
+
+        run.write_artifact(STAGE, CENTRAL, write_npz)
+        train_nonprivate(generator.to(device), central, labels, method_obj.per_sample_loss, epochs=epochs,
+                         batch_size=batch_size, lr=lr, seed=0, augment=_rand_augment() if augment else None,
+                         progress=lambda d, t, _l: progress("warm-up (central images)", d, t))
+        _save_generator(run, generator)
+        run.end_stage(STAGE)
+    return {"central_images": int(len(central)), "central_sigma": sigma, "central_sample_rate": q,
+            "epsilon_spent": after.upper, "epochs": epochs}
+
+
+def _rand_augment():
+    """DP-FETA's augmentation: RandAugment, 2 ops, magnitude drawn from 1..9 per image."""
+    from torchvision.transforms import v2
+
+    ops = [v2.RandAugment(num_ops=2, magnitude=m) for m in range(1, 10)]
+
+    def augment(x: torch.Tensor) -> torch.Tensor:
+        picks = torch.randint(0, len(ops), (len(x),))
+        return torch.stack([ops[int(i)](img) for i, img in zip(picks, x)])
+
+    return augment

@@ -22,10 +22,18 @@ STAGE = "select-public"
 SELECTION = "selection.json"
 
 
+def _skipped(method: str) -> dict:
+    return {"skipped": True, "reason": f"method {method!r} does not use select-public; run 'dpsynth pretrain' "
+                                       f"or 'dpsynth finetune' next"}
+
+
 def run_select_public(run_path: str | Path, settings: DataSettings, *, sigma: float | None = None,
                       eps_query: float | None = None, top_k: int = 1, select: int | None = None,
                       delta: float | None = None, method: str | None = None,
                       progress: Progress = no_progress) -> dict:
+    if method is not None and not get_method(method).uses_public_selection:
+        return _skipped(method)
+
     if (sigma is None) == (eps_query is None):
         raise BadInput("give exactly one of --sigma (noise multiplier) or --eps-query (epsilon of the query)")
     if sigma is not None:
@@ -35,12 +43,9 @@ def run_select_public(run_path: str | Path, settings: DataSettings, *, sigma: fl
     check_positive("--top-k", top_k, integer=True)
     if not settings.public:
         raise BadInput("select-public needs --public NAME (a labelled public dataset)")
-    if method is not None and not get_method(method).uses_public_selection:
-        raise BadInput(f"method {method!r} does not use select-public; run 'dpsynth pretrain' or 'finetune' instead")
-
     run, sensitive = open_or_create_run(run_path, method=method, settings=settings, delta=delta)
     if not get_method(run.manifest["method"]).uses_public_selection:
-        raise BadInput(f"this run's method {run.manifest['method']!r} does not use select-public")
+        return _skipped(run.manifest["method"])
     data = replace(settings_from_run(run) if run.manifest.get('stages') else settings, public=settings.public)
     run.manifest['settings']['public'] = settings.public
     public = load_public(data, sensitive)

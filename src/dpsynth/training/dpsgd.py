@@ -15,8 +15,9 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
-from opacus import PrivacyEngine
+from opacus import GradSampleModule, PrivacyEngine
 from opacus.data_loader import DPDataLoader
+from opacus.optimizers import DPOptimizer
 from opacus.utils.fast_gradient_clipping_utils import DPTensorFastGradientClipping
 from opacus.validators import ModuleValidator
 from torch import nn
@@ -24,7 +25,7 @@ from torch.utils.data import TensorDataset
 
 from ..errors import BadInput
 
-GRAD_SAMPLE_MODES = ("hooks", "ghost", "functorch")
+GRAD_SAMPLE_MODES = ("ghost", "vmap", "hooks", "functorch")
 Progress = Callable[[int, int, float], None]
 
 
@@ -73,22 +74,131 @@ def check_dp_compatible(model: nn.Module) -> None:
         raise BadInput(f"model is not DP-SGD compatible: {errors[0]}")
 
 
+class ExponentialMovingAverage:
+    """EMA of the weights after each noisy step (post-processing: no privacy cost). The
+    decay ramps up as min(rate, (1+t)/(10+t)) so that short runs are not dominated by the
+    initial weights."""
+
+    def __init__(self, model: nn.Module, rate: float):
+        if not (0.0 < rate < 1.0):
+            raise BadInput(f"--ema {rate!r} must be between 0 and 1 (e.g. 0.999)")
+        self.rate, self.updates = rate, 0
+        self.shadow = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        self.updates += 1
+        decay = min(self.rate, (1.0 + self.updates) / (10.0 + self.updates))
+        for key, value in model.state_dict().items():
+            if value.dtype.is_floating_point:
+                self.shadow[key].mul_(decay).add_(value.detach(), alpha=1.0 - decay)
+            else:
+                self.shadow[key].copy_(value)
+
+    def state_dict(self) -> dict:
+        return self.shadow
+
+
+class PerExampleGradients:
+    """Leaves on each trainable parameter `p.grad_sample`: one gradient per EXAMPLE of the
+    loss averaged over `multiplicity` draws of the model's internal randomness.
+
+    - "hooks" / "functorch": opacus' GradSampleModule on the batch repeated K times (rows
+      grouped example by example), then the K rows of each example are averaged;
+    - "vmap": torch.func, vmap over examples of the gradient of the K-draw mean, so memory
+      holds B per-example gradients, never B*K.
+    The optimizer (opacus DPOptimizer) then clips, sums and noises them.
+    """
+
+    def __init__(self, model: nn.Module, per_sample_loss, mode: str, multiplicity: int = 1):
+        if mode not in ("hooks", "functorch", "vmap"):
+            raise BadInput(f"per-example gradient mode {mode!r} is unknown; choose hooks, functorch or vmap")
+        self.model, self.loss, self.mode, self.k = model, per_sample_loss, mode, multiplicity
+        self.trainable = [p for p in model.parameters() if p.requires_grad]
+        if mode == "vmap":
+            self.module = model
+            self._per_example = self._build_vmap()
+        else:
+            self.module = GradSampleModule(model, batch_first=True, loss_reduction="mean",
+                                           force_functorch=mode == "functorch")
+
+    def _build_vmap(self):
+        from torch.func import functional_call, grad, vmap
+
+        model, loss, k = self.model, self.loss, self.k
+        buffers = dict(model.named_buffers())
+
+        class _Bound(nn.Module):  # lets per_sample_loss call "model(x, y)" on functional params
+            def __init__(self, params):
+                super().__init__()
+                self._params = params
+
+            def forward(self, *args):
+                return functional_call(model, (self._params, buffers), args)
+
+        def example_loss(params, x1, y1):
+            xs = x1.unsqueeze(0).expand(k, *x1.shape)
+            ys = y1.unsqueeze(0).expand(k, *y1.shape)
+            losses = loss(_Bound(params), xs, ys)
+            return losses.mean(), losses.detach().mean()
+
+        return vmap(grad(example_loss, has_aux=True), in_dims=(None, 0, 0), randomness="different")
+
+    def compute(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Per-example gradients for this chunk; returns the per-example (K-mean) losses."""
+        if self.mode == "vmap":
+            params = {n: p.detach() for n, p in self.model.named_parameters() if p.requires_grad}
+            grads, losses = self._per_example(params, x, y)
+            for n, p in self.model.named_parameters():
+                if n in grads:
+                    p.grad_sample = grads[n]
+            return losses
+        k = self.k
+        xs, ys = (x.repeat_interleave(k, 0), y.repeat_interleave(k, 0)) if k > 1 else (x, y)
+        losses = self.loss(self.module, xs, ys)
+        _check_loss_shape(losses, len(xs))
+        losses.mean().backward()  # opacus scales each row's grad_sample back to d(loss_row)
+        if k > 1:
+            for p in self.trainable:
+                p.grad_sample = p.grad_sample.reshape(len(x), k, *p.shape).mean(dim=1)
+        return losses.detach().reshape(len(x), k).mean(dim=1)
+
+
 def train_dp(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
              per_sample_loss: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor], *,
              plan: DPSGDPlan, noise_multiplier: float, clip: float, lr: float,
              grad_sample_mode: str = "ghost", secure: bool = False, optimizer: str = "adam",
-             progress: Progress | None = None) -> nn.Module:
-    """Train `model` in place with DP-SGD; returns the underlying (unwrapped) module."""
+             noise_multiplicity: int = 1, physical_batch_size: int | None = None,
+             ema: ExponentialMovingAverage | None = None, progress: Progress | None = None) -> nn.Module:
+    """Train `model` in place with DP-SGD; returns the underlying (unwrapped) module.
+
+    noise_multiplicity K (DPDM): each example's loss is averaged over K independent draws
+    of the model's internal randomness (diffusion noise level and noise) BEFORE its
+    gradient is clipped, so one example still contributes one clipped gradient.
+    physical_batch_size splits each Poisson (logical) batch into chunks whose clipped
+    gradients are summed before the single noisy step (opacus' virtual steps), so large
+    logical batches fit in memory; the mechanism is unchanged.
+    """
     if grad_sample_mode not in GRAD_SAMPLE_MODES:
         raise BadInput(f"--grad-sample-mode {grad_sample_mode!r} is unknown; choose one of {', '.join(GRAD_SAMPLE_MODES)}")
     if not (clip > 0 and math.isfinite(clip)):
         raise BadInput(f"--clip {clip!r} must be a finite number > 0")
+    if not (isinstance(noise_multiplicity, int) and noise_multiplicity >= 1):
+        raise BadInput(f"--noise-multiplicity {noise_multiplicity!r} must be an integer >= 1")
+    if noise_multiplicity > 1 and grad_sample_mode == "ghost":
+        raise BadInput("--grad-sample-mode ghost clips each row, so it cannot average K > 1 noise draws per example; "
+                       "use vmap, hooks or functorch with --noise-multiplicity")
+    if physical_batch_size is not None and physical_batch_size < 1:
+        raise BadInput(f"--physical-batch-size {physical_batch_size!r} must be >= 1")
     if len(images) != plan.dataset_size:
         raise BadInput(f"plan was made for {plan.dataset_size} images, got {len(images)}")
+    optimizers = {"adam": torch.optim.Adam, "sgd": torch.optim.SGD}
+    if optimizer not in optimizers:
+        raise BadInput(f"optimizer {optimizer!r} is unknown; choose one of {', '.join(optimizers)}")
     check_dp_compatible(model)
+    check_secure_available(secure)
     # No seeded generator on purpose: which images a Poisson batch holds must stay secret,
     # so sampling (and opacus' noise) use the global RNG that the caller seeds from OS entropy.
-    check_secure_available(secure)
     engine = PrivacyEngine(secure_mode=secure)
     loader = DPDataLoader(TensorDataset(images, labels), sample_rate=plan.sample_rate,
                           generator=engine.secure_rng if secure else None)
@@ -96,60 +206,94 @@ def train_dp(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
     loader.batch_sampler.steps = plan.steps_per_epoch
     if len(loader) != plan.steps_per_epoch or loader.sample_rate != plan.sample_rate:
         raise RuntimeError("DP data loader length differs from the accounted plan")
-    optimizers = {"adam": torch.optim.Adam, "sgd": torch.optim.SGD}
-    if optimizer not in optimizers:
-        raise BadInput(f"optimizer {optimizer!r} is unknown; choose one of {', '.join(optimizers)}")
-    optimizer = optimizers[optimizer](model.parameters(), lr=lr)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        dp_model, dp_optimizer, *rest = engine.make_private(
-            module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=noise_multiplier,
-            max_grad_norm=clip, poisson_sampling=False,  # loader above is already Poisson
-            grad_sample_mode=grad_sample_mode,
-            **({"criterion": nn.MSELoss()} if grad_sample_mode == "ghost" else {}),
-        )
-    dp_loader = rest[-1]
+    base_optimizer = optimizers[optimizer](model.parameters(), lr=lr)
+    k = noise_multiplicity
+    if grad_sample_mode == "ghost":
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            dp_model, dp_optimizer, _criterion, loader = engine.make_private(
+                module=model, optimizer=base_optimizer, data_loader=loader, noise_multiplier=noise_multiplier,
+                max_grad_norm=clip, poisson_sampling=False,  # loader above is already Poisson
+                grad_sample_mode="ghost", criterion=nn.MSELoss())
+    else:
+        per_example = PerExampleGradients(model, per_sample_loss, grad_sample_mode, k)
+        dp_model = per_example.module
+        dp_optimizer = DPOptimizer(base_optimizer, noise_multiplier=noise_multiplier, max_grad_norm=clip,
+                                   expected_batch_size=plan.dataset_size * plan.sample_rate,
+                                   loss_reduction="mean", secure_mode=secure)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+
+    def accumulate(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Leave this chunk's per-example gradient material on the parameters."""
+        if grad_sample_mode != "ghost":
+            return per_example.compute(x, y)
+        losses = per_sample_loss(dp_model, x, y)
+        _check_loss_shape(losses, len(x))
+        DPTensorFastGradientClipping(dp_model, dp_optimizer, losses, "mean").backward()
+        return losses.detach()
+
     dp_model.train()
+    device = trainable[0].device if trainable else torch.device("cpu")
     step = 0
+    chunk = physical_batch_size or len(images)
     for _epoch in range(plan.epochs):
-        for x, y in dp_loader:
-            dp_optimizer.zero_grad(set_to_none=True)
-            if len(x) == 0:
-                # Skipping an empty Poisson batch releases less than the ledger counts: safe.
-                step += 1
-                continue
-            losses = per_sample_loss(dp_model, x, y)
-            if losses.shape != (len(x),):
-                raise RuntimeError(f"per-sample loss must have shape ({len(x)},), got {tuple(losses.shape)}")
-            if grad_sample_mode == "ghost":
-                DPTensorFastGradientClipping(dp_model, dp_optimizer, losses, "mean").backward()
-            else:
-                losses.mean().backward()
-            dp_optimizer.step()
+        for x, y in loader:
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            pieces = list(zip(x.split(chunk), y.split(chunk))) if len(x) else []
+            loss_sum = 0.0
+            if not pieces:
+                # An empty Poisson batch still takes its noise-only step: the mechanism the
+                # ledger accounts for releases noise at every step.
+                dp_optimizer.zero_grad(set_to_none=True)
+                for p in trainable:
+                    if grad_sample_mode == "ghost":  # its optimizer sums p.grad, not grad_sample
+                        p.grad = torch.zeros_like(p)
+                    else:
+                        p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
+                dp_optimizer.signal_skip_step(do_skip=False)
+                dp_optimizer.step()
+            for i, (xc, yc) in enumerate(pieces):
+                dp_optimizer.zero_grad(set_to_none=True)
+                loss_sum += float(accumulate(xc, yc).sum())
+                dp_optimizer.signal_skip_step(do_skip=i < len(pieces) - 1)
+                dp_optimizer.step()
+            if dp_optimizer._is_last_step_skipped:
+                raise RuntimeError("DP optimizer did not take the noisy step at the end of a logical batch")
             step += 1
+            if ema is not None:
+                ema.update(model)
             if progress:
-                progress(step, plan.steps, float(losses.detach().mean()))
+                progress(step, plan.steps, loss_sum / max(len(x), 1))
     if step != plan.steps:
         raise RuntimeError(f"ran {step} DP-SGD steps but the ledger recorded {plan.steps}")
     return dp_model._module if hasattr(dp_model, "_module") else model
 
 
+def _check_loss_shape(losses: torch.Tensor, rows: int) -> None:
+    if losses.shape != (rows,):
+        raise RuntimeError(f"per-sample loss must have shape ({rows},), got {tuple(losses.shape)}")
+
+
 def train_nonprivate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
                      per_sample_loss: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor], *,
                      epochs: int, batch_size: int, lr: float, seed: int = 0,
+                     augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
                      progress: Progress | None = None) -> nn.Module:
-    """Plain Adam on public data (pretraining; no privacy cost)."""
+    """Plain Adam on public data or on already-released DP outputs (no privacy cost)."""
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
-    loader = torch.utils.data.DataLoader(TensorDataset(images, labels), batch_size=batch_size,
+    loader = torch.utils.data.DataLoader(TensorDataset(images, labels), batch_size=min(batch_size, len(images)),
                                          shuffle=True, generator=generator, drop_last=False)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    device = next(model.parameters()).device
     model.train()
     total, step = epochs * len(loader), 0
     for _ in range(epochs):
         for x, y in loader:
+            if augment is not None:
+                x = augment(x)
             optimizer.zero_grad(set_to_none=True)
-            loss = per_sample_loss(model, x, y).mean()
+            loss = per_sample_loss(model, x.to(device), y.to(device)).mean()
             loss.backward()
             optimizer.step()
             step += 1

@@ -1,0 +1,68 @@
+"""DP-FETA's central images: noisy per-class means of Poisson-sampled batches.
+
+Each query draws a Poisson batch at rate q from the sensitive set and releases, for every
+class c, the sum of the class-c members downsampled x0.5 plus Gaussian noise, divided by
+the PUBLIC expected class count q*N/K (DP-FETA's code divides by the actual count, which
+is itself private; see shared/research). A downsampled image with pixels in [0, 1] has L2
+norm at most Delta = sqrt(C * H/2 * W/2). The classes are disjoint, so adding or removing
+one image changes the vector of all class sums by at most Delta in L2: noise std
+sigma * Delta makes each query one subsampled Gaussian mechanism with noise multiplier
+sigma, and `queries` of them are one PoissonGaussianEvent(sigma, q, steps=queries).
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+
+import torch
+import torch.nn.functional as F
+
+from .errors import BadInput
+
+
+def central_sample_rate(dataset_size: int, batch_size: int = 6000) -> float:
+    """DP-FETA's rate: 1 / number of Poisson batches of expected size `batch_size`."""
+    if dataset_size < 1:
+        raise BadInput(f"sensitive dataset is empty (size {dataset_size})")
+    return 1.0 / math.ceil(dataset_size / min(batch_size, dataset_size))
+
+
+def l2_sensitivity(channels: int, height: int, width: int) -> float:
+    return math.sqrt(channels * (height // 2) * (width // 2))
+
+
+def _median_blur3(x: torch.Tensor) -> torch.Tensor:
+    n, c, h, w = x.shape
+    patches = F.unfold(F.pad(x, (1, 1, 1, 1), mode="replicate"), kernel_size=3)
+    return patches.reshape(n, c, 9, h * w).median(dim=2).values.reshape(n, c, h, w)
+
+
+def noisy_central_images(images: torch.Tensor, labels: torch.Tensor | None, num_classes: int, *,
+                         noise_multiplier: float, sample_rate: float, queries: int,
+                         generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(queries * classes) uint8 central images and their labels. Sampling and noise use a
+    generator seeded from OS entropy unless one is given (tests)."""
+    if noise_multiplier <= 0 or not math.isfinite(noise_multiplier):
+        raise BadInput(f"central-image --sigma {noise_multiplier!r} must be a number > 0")
+    if queries < 1:
+        raise BadInput(f"central-image --queries {queries!r} must be >= 1")
+    if generator is None:
+        generator = torch.Generator().manual_seed(secrets.randbits(63))
+    n, c, h, w = images.shape
+    rows = num_classes if labels is not None else 1
+    row_of = labels.long() if labels is not None else torch.zeros(n, dtype=torch.long)
+    delta = l2_sensitivity(c, h, w)
+    expected_per_class = max(sample_rate * n / rows, 1.0)  # public denominator
+    out, out_labels = [], []
+    for _ in range(queries):
+        chosen = torch.rand(n, generator=generator) < sample_rate
+        x = F.interpolate(images[chosen].float() / 255.0, scale_factor=0.5, mode="nearest")
+        sums = torch.zeros(rows, c, h // 2, w // 2)
+        sums.index_add_(0, row_of[chosen], x)
+        noisy = (sums + torch.randn(sums.shape, generator=generator) * noise_multiplier * delta) / expected_per_class
+        up = F.interpolate(noisy.clamp(0, 1), size=(h, w), mode="bilinear", align_corners=False)
+        out.append(_median_blur3(up))
+        out_labels.append(torch.arange(rows))
+    images_out = (torch.cat(out).clamp(0, 1) * 255).round().to(torch.uint8)
+    return images_out, torch.cat(out_labels)
