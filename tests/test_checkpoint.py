@@ -54,11 +54,11 @@ def run(mode, plan, x, y, resume=None, stop_at=None):
     return trained, ema, None
 
 
-@pytest.mark.parametrize("mode,stop_at", [("hooks", 2), ("ghost", 4), ("vmap", 6)]  # mid-epoch and epoch boundary)
+@pytest.mark.parametrize("mode,stop_at", [("hooks", 2), ("ghost", 4), ("vmap", 6)])
 def test_resume_equals_an_uninterrupted_run(mode, stop_at):
     torch.manual_seed(7)
     x, y = torch.randn(60, 6), torch.randn(60)
-    plan = DPSGDPlan(dataset_size=60, batch_size=20, epochs=3)  # 3 steps per epoch: stops mid-epoch too
+    plan = DPSGDPlan(dataset_size=60, batch_size=20, epochs=3)  # 3 steps per epoch: steps 2, 4 are mid-epoch, 6 a boundary
     full, full_ema, _ = run(mode, plan, x, y)
     _, _, state = run(mode, plan, x, y, stop_at=stop_at)
     assert state["step"] == stop_at
