@@ -77,10 +77,11 @@ def test_generate_killed_mid_write_restarts_cleanly(finished, tmp_path, capsys, 
     assert opened.stage_done("generate") and not list(run.glob(".*.tmp"))
 
 
-@pytest.mark.parametrize("kill_at", [1, 2, 3, 5])
-def test_finetune_killed_mid_write_never_under_counts(tmp_path, capsys, kill_at):
+@pytest.mark.parametrize("kill_at", [1, 2, 3, 6, 8])
+def test_finetune_killed_mid_write_never_under_counts_and_resumes(tmp_path, capsys, kill_at):
     # fsyncs of a new finetune run: 1 manifest (stage begins), 2 manifest (privacy event),
-    # 3 generator.pt, 4 manifest (artifact), 5 manifest (stage completed).
+    # 3 checkpoint of the last step, 4-5 manifest (its hash, pointer), 6 generator.pt,
+    # 7 manifest (its hash), 8 manifest (stage completed), 9 manifest (checkpoint dropped).
     run = tmp_path / "run"
     killed(kill_at, *FINETUNE, "--run", str(run))
     opened = check_consistent(run)
@@ -89,46 +90,111 @@ def test_finetune_killed_mid_write_never_under_counts(tmp_path, capsys, kill_at)
         assert {p.name for p in run.iterdir()} - {LOCK} == {p.name for p in run.glob(".manifest.yaml.*.tmp")}
         return
     events = opened.events()
+    epsilon = opened.manifest["privacy"]["epsilon"]
     if kill_at == 2:
         assert events == []  # killed before the event was durable, so no DP-SGD step had run
     else:
-        assert [e.stage for e in events] == ["finetune"]  # DP-SGD ran: its event is on disk
-        assert opened.manifest["privacy"]["epsilon"] > 0
-    assert ("generator.pt" in opened.manifest["artifacts"]) == (kill_at == 5)
+        assert [e.stage for e in events] == ["finetune"] and epsilon > 0  # DP-SGD ran: its event is on disk
+    assert ("generator.pt" in opened.manifest["artifacts"]) == (kill_at == 8)
     clear_stale_lock(run, capsys, FINETUNE)
-    if kill_at == 2:  # nothing was spent: a plain rerun restarts from scratch and completes
+    if kill_at == 2:  # nothing was spent: --resume is refused, a plain rerun starts from scratch
+        assert main([*FINETUNE, "--resume", "--run", str(run)]) == 2
+        assert "never recorded its privacy event" in capsys.readouterr().err
         assert main([*FINETUNE, "--run", str(run)]) == 0
         assert check_consistent(run).stage_done("finetune")
-    else:  # the killed attempt stays charged in the ledger that every later stage reads
-        assert main(["ledger", "--run", str(run), "--json"]) == 0
-        assert '"stage": "finetune"' in capsys.readouterr().out
+        return
+    assert main([*FINETUNE, "--resume", "--run", str(run)]) == 0
+    done = check_consistent(run)
+    assert done.stage_done("finetune") and done.events() == events  # no second event for the same steps
+    assert done.manifest["privacy"]["epsilon"] == epsilon
+    resumed_from = done.manifest["stages"]["finetune"]["resumed"][-1]["from_step"]
+    assert resumed_from == (0 if kill_at == 3 else events[0].steps)  # final checkpoint: export, no retraining
+    assert not list(run.glob("checkpoint-*")) and not any(n.startswith("checkpoint-") for n in done.manifest["artifacts"])
 
 
-def test_second_process_is_refused_then_finetune_is_killed_mid_training(tmp_path):
+def _start(args: list[str]) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "dpsynth", *args], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for(run: Path, proc: subprocess.Popen, ready) -> dict:
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if (run / MANIFEST).exists():  # renamed into place whole: always parseable
+            manifest = yaml.safe_load((run / MANIFEST).read_text())
+            if ready(manifest):
+                return manifest
+        time.sleep(0.05)
+    raise AssertionError(f"finetune ended (rc={proc.poll()}) before the test could interrupt it")
+
+
+LONG = [*FINETUNE[:-6], "--epochs", "20", "--batch-size", "200", "--checkpoint-every", "5", "--quiet", "--json"]
+
+
+def test_second_process_is_refused_then_finetune_is_killed_mid_training_and_resumes(tmp_path):
     run = tmp_path / "run"
-    args = [*FINETUNE[:-6], "--epochs", "150", "--batch-size", "200", "--quiet", "--json"]
-    proc = subprocess.Popen([sys.executable, "-m", "dpsynth", *args, "--run", str(run)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = _start([*LONG, "--run", str(run)])
     try:
-        deadline = time.time() + 300
-        while time.time() < deadline:  # wait until DP-SGD is under way
-            if (run / MANIFEST).exists() and yaml.safe_load((run / MANIFEST).read_text())["privacy"]["events"]:
-                break
-            time.sleep(0.05)
+        _wait_for(run, proc, lambda m: m["stages"]["finetune"].get("checkpoint"))
         # A second process on the same run directory is refused, naming the live holder.
-        before = (run / MANIFEST).read_bytes()
         with pytest.raises(RunDirError, match=f"in use by process {proc.pid}"):
             with RunDir.open(run).lock():
                 pass
-        assert proc.poll() is None, "finetune finished before it could be killed"
         proc.send_signal(signal.SIGKILL)
     finally:
         proc.kill()
         proc.wait()
     opened = check_consistent(run)
-    assert opened.manifest["stages"]["finetune"]["status"] == "running"
-    assert [e.stage for e in opened.events()] == ["finetune"]
-    assert (run / MANIFEST).read_bytes() == before  # the refused process wrote nothing
+    entry = opened.manifest["stages"]["finetune"]
+    assert entry["status"] == "running" and entry["checkpoint"]["step"] % 5 == 0
+    events = opened.events()
+    assert [e.stage for e in events] == ["finetune"]
     with pytest.raises(RunDirError, match=f"stale lock from process {proc.pid} .* remove {run / LOCK}"):
         with RunDir.open(run).lock():
             pass
+    (run / LOCK).unlink()
+    assert main([*LONG, "--resume", "--run", str(run)]) == 0
+    done = check_consistent(run)
+    assert done.stage_done("finetune") and done.events() == events
+    assert done.manifest["stages"]["finetune"]["resumed"] == [
+        {"time": done.manifest["stages"]["finetune"]["resumed"][0]["time"], "from_step": entry["checkpoint"]["step"]}]
+
+
+def test_ctrl_c_stops_at_a_step_boundary_with_a_checkpoint_and_resume_checks_it(tmp_path, capsys):
+    run = tmp_path / "run"
+    proc = _start([*LONG, "--run", str(run)])
+    try:
+        _wait_for(run, proc, lambda m: m["privacy"]["events"])
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, stderr
+    assert stderr.startswith("interrupted: finetune stopped after step ") and "--resume" in stderr
+    assert "Traceback" not in stderr
+    opened = check_consistent(run)
+    entry = opened.manifest["stages"]["finetune"]
+    assert entry["status"] == "interrupted" and not (run / LOCK).exists()
+    name = entry["checkpoint"]["name"]
+    assert f"after step {entry['checkpoint']['step']} of" in stderr
+
+    # Resume refuses: a contradicting flag, a tampered checkpoint, a checkpoint of another run.
+    assert main([*LONG[:-4], "--lr", "0.5", "--quiet", "--resume", "--run", str(run)]) == 2
+    assert "--lr 0.5 differs from the interrupted run's" in capsys.readouterr().err
+    tampered = tmp_path / "tampered"
+    shutil.copytree(run, tampered)
+    with open(tampered / name, "ab") as fh:
+        fh.write(b"\0")
+    assert main([*LONG, "--resume", "--run", str(tampered)]) == 2
+    assert f"{name} changed since stage 'finetune'" in capsys.readouterr().err
+    foreign = tmp_path / "foreign"
+    shutil.copytree(run, foreign)
+    manifest = yaml.safe_load((foreign / MANIFEST).read_text())
+    manifest["run_id"] = "another-run"
+    (foreign / MANIFEST).write_text(yaml.safe_dump(manifest, sort_keys=False))
+    assert main([*LONG, "--resume", "--run", str(foreign)]) == 2
+    assert "belongs to another run or privacy event" in capsys.readouterr().err
+
+    assert main([*LONG, "--resume", "--run", str(run)]) == 0
+    done = check_consistent(run)
+    assert done.stage_done("finetune") and len(done.events()) == 1

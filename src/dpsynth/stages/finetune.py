@@ -140,8 +140,8 @@ def run_finetune(run_path: str | Path, settings: DataSettings | None = None, *, 
         if ema_tracker is not None:
             payload["ema_state_dict"] = {k: v.cpu() for k, v in ema_tracker.state_dict().items()}
         run.write_artifact(STAGE, GENERATOR, torch_bytes(payload))
-        checkpoints.discard_all(run, STAGE)
         run.end_stage(STAGE)
+        checkpoints.discard_all(run, STAGE)  # after completion: until then they are the way back
     return {"epsilon_spent": eps_after, "target_epsilon": eps, "delta": run.delta, "noise_multiplier": sigma,
             "sample_rate": plan.sample_rate, "steps": plan.steps, "method": method_obj.name}
 

@@ -7,6 +7,8 @@ Its payload names the run and the privacy event it belongs to; `--resume` refuse
 checkpoint of another run or another event. Resuming never writes a new privacy event:
 the event recorded before the first step already covers every planned step.
 Checkpoints hold the secret RNG state, so they are deleted when the stage completes.
+An attempt killed before its first checkpoint left nothing durable from its steps (they
+lived in memory only), so resuming it starts again from step 0 under the same event.
 """
 
 from __future__ import annotations
@@ -25,14 +27,16 @@ def checkpoint_name(step: int) -> str:
 
 
 class Checkpointer:
-    """on_step callback for `train_dp`: saves every `every` steps and when a stop was requested."""
+    """on_step callback for `train_dp`: saves every `every` steps, when a stop was requested,
+    and after the last step (so a crash while the generator is written resumes by exporting
+    that final state again, never by training a second model under the same event)."""
 
     def __init__(self, run: RunDir, stage: str, event: PoissonGaussianEvent, every: int | None, stop=None):
         self.run, self.stage, self.event, self.every, self.stop = run, stage, event, every, stop
 
     def __call__(self, step: int, snapshot) -> None:
         stopping = self.stop is not None and self.stop.requested and step < self.event.steps
-        if stopping or (self.every and step % self.every == 0 and step < self.event.steps):
+        if stopping or step == self.event.steps or (self.every and step % self.every == 0):
             self.save(step, snapshot())
         if stopping:
             raise Interrupted(f"finetune stopped after step {step} of {self.event.steps}; checkpoint written. "
@@ -62,12 +66,14 @@ def forget(run: RunDir, stage: str, name: str) -> None:
 def discard_all(run: RunDir, stage: str) -> None:
     """Remove every checkpoint (recorded or orphaned by a crash) once they are of no use."""
     entry = run.manifest["stages"].get(stage, {})
-    entry.pop("checkpoint", None)
-    for name in [n for n in run.manifest["artifacts"] if n.startswith(PREFIX)]:
-        forget(run, stage, name)
+    changed = entry.pop("checkpoint", None) is not None
+    names = [n for n in run.manifest["artifacts"] if n.startswith(PREFIX)]
+    for name in names:
+        forget(run, stage, name)  # saves the manifest
+    if changed and not names:
+        run.save()
     for path in run.path.glob(f"{PREFIX}*.pt"):
         path.unlink(missing_ok=True)
-    run.save()
 
 
 def resumable_event(run: RunDir, stage: str, config: dict) -> PoissonGaussianEvent:
@@ -96,7 +102,7 @@ def load_checkpoint(run: RunDir, stage: str, event: PoissonGaussianEvent) -> dic
     if payload.get("run_id") != run.manifest["run_id"] or payload.get("event") != _event_key(event):
         raise IntegrityError(f"checkpoint {run.artifact_path(record['name'])} belongs to another run or privacy "
                              f"event (run {payload.get('run_id')!r}); refusing to resume from it")
-    if payload["state"]["step"] != record["step"] or not (0 < record["step"] < event.steps):
+    if payload["state"]["step"] != record["step"] or not (0 < record["step"] <= event.steps):
         raise IntegrityError(f"checkpoint {record['name']} is at step {payload['state']['step']}, "
                              f"the manifest says {record['step']} of {event.steps}")
     return payload["state"]
