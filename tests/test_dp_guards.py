@@ -106,3 +106,32 @@ def test_batches_train_dp_draws_have_poisson_sizes():
     mean_se = math.sqrt(n * q * (1 - q) / steps)
     assert abs(sizes.mean() - n * q) < 4 * mean_se
     assert 0.7 < sizes.var() / (n * q * (1 - q)) < 1.4  # chi-square(199)/199 lies in this range w.p. > 0.999
+
+
+class _BatchMeanGenerator(nn.Module):
+    """A generator whose loss subtracts the batch mean: it must never reach DP-SGD."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        self.encode = nn.Linear(cfg.resolution * cfg.resolution * cfg.channels, 4)
+
+    def forward(self, x, y):
+        h = self.encode(x.flatten(1))
+        return (h - h.mean(0)).pow(2).sum(1)
+
+
+def test_finetune_refuses_a_sample_mixing_generator_before_anything_is_written(tmp_path, capsys, monkeypatch):
+    from dpsynth.cli.main import main
+    from dpsynth.methods import METHODS, DPCVAE
+
+    class Mixing(DPCVAE):
+        name = "test-mixing"
+        model_class = _BatchMeanGenerator
+
+    monkeypatch.setitem(METHODS, Mixing.name, Mixing)
+    code = main(["finetune", "--sensitive", "digits", "--limit", "100", "--method", "test-mixing", "--eps", "1",
+                 "--epochs", "1", "--batch-size", "100", "--grad-sample-mode", "hooks", "--run", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert code == 2 and "depends on the other samples" in err and err.count("\n") == 1, err
+    assert not (tmp_path / "run").exists()  # refused before the ledger event: nothing spent

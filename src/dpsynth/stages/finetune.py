@@ -14,6 +14,7 @@ from ..privacy.accountant import calibrate_noise_multiplier, compose_epsilon
 from ..privacy.events import PoissonGaussianEvent
 from ..training.checkpoint import stop_on_sigint
 from ..training.device import resolve_device
+from ..training.dp_guards import check_per_sample_gradients
 from ..training.dpsgd import (GRAD_SAMPLE_MODES, DPSGDPlan, ExponentialMovingAverage, check_dp_compatible,
                               check_secure_available, train_dp)
 from . import finetune_checkpoints as checkpoints
@@ -98,6 +99,12 @@ def run_finetune(run_path: str | Path, settings: DataSettings | None = None, *, 
     else:
         generator = method_obj.build_generator(r, c, sensitive.num_classes)
     check_dp_compatible(generator)
+    if opts["grad_sample_mode"] != "vmap":  # vmap computes each example alone: nothing can mix
+        # Random inputs of the sensitive set's shape: the check reads no sensitive data.
+        probe = torch.Generator().manual_seed(0)
+        check_per_sample_gradients(generator, torch.randint(0, 256, (2, c, r, r), dtype=torch.uint8, generator=probe),
+                                   torch.randint(0, sensitive.num_classes, (2,), generator=probe),
+                                   method_obj.per_sample_loss)
     generator.to(torch_device)
     ema_tracker = ExponentialMovingAverage(generator, opts["ema"]) if opts["ema"] else None
 
