@@ -8,10 +8,10 @@ from pathlib import Path
 import torch
 
 from ..errors import BadInput, Interrupted
-from ..rundir import now
 from ..methods import get_method, parse_arch
 from ..privacy.accountant import calibrate_noise_multiplier, compose_epsilon
 from ..privacy.events import PoissonGaussianEvent
+from ..rundir import now
 from ..training.checkpoint import stop_on_sigint
 from ..training.device import resolve_device
 from ..training.dp_guards import check_per_sample_gradients
@@ -129,13 +129,13 @@ def run_finetune(run_path: str | Path, settings: DataSettings | None = None, *, 
         torch.manual_seed(secrets.randbits(63))
         try:
             with stop_on_sigint() as stop:
-                trained = train_dp(generator, sensitive.images, sensitive.labels, method_obj.per_sample_loss, plan=plan,
-                               noise_multiplier=sigma, clip=opts["clip"], lr=opts["lr"],
-                               grad_sample_mode=opts["grad_sample_mode"], secure=secure,
-                               noise_multiplicity=opts["noise_multiplicity"],
-                               physical_batch_size=opts["physical_batch_size"], ema=ema_tracker,
-                               progress=lambda d, t, _l: progress("finetune (DP-SGD)", d, t),
-                               resume=state, on_step=checkpoints.Checkpointer(run, STAGE, event, checkpoint_every, stop))
+                trained = train_dp(generator, sensitive.images, sensitive.labels, method_obj.per_sample_loss,
+                                   plan=plan, noise_multiplier=sigma, clip=opts["clip"], lr=opts["lr"],
+                                   grad_sample_mode=opts["grad_sample_mode"], secure=secure,
+                                   noise_multiplicity=opts["noise_multiplicity"],
+                                   physical_batch_size=opts["physical_batch_size"], ema=ema_tracker,
+                                   progress=lambda d, t, _l: progress("finetune (DP-SGD)", d, t), resume=state,
+                                   on_step=checkpoints.Checkpointer(run, STAGE, event, checkpoint_every, stop))
         except Interrupted:
             run.end_stage(STAGE, status="interrupted")
             raise
