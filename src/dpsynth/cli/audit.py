@@ -44,5 +44,6 @@ def command(
     emit(record, json_out, "privacy audit (one run, Steinke-Nasr-Jagielski 2023)")
     if not result.passed:
         err.print(f"audit FAILED: lower bound {result.epsilon_lower_bound:.3f} > claimed epsilon "
-                  f"{result.claimed_epsilon:.3f}" + (" (noise was off on purpose)" if no_noise else ""))
+                  f"{result.claimed_epsilon:.3f}" + (" (noise was off on purpose)" if no_noise else ""),
+                  soft_wrap=True)  # one line, whatever the terminal width
         raise SystemExit(1)
