@@ -71,7 +71,7 @@ def test_audit_fails_the_broken_mechanism_with_noise_off(capsys, tmp_path):
     assert code == 1, captured.err
     shown = json.loads(captured.out.strip().splitlines()[-1])
     assert shown["epsilon_lower_bound"] > shown["claimed_epsilon"] and not shown["passed"]
-    assert "audit FAILED" in captured.err
+    assert "audit FAILED" in captured.err and captured.err.count("\n") == 1
     saved = json.loads(out.read_text())
     assert saved["epsilon_lower_bound"] == shown["epsilon_lower_bound"]
     assert saved["included"] == sorted(set(saved["included"])) and 0 <= min(saved["included"])

@@ -77,6 +77,18 @@ def test_generate_killed_mid_write_restarts_cleanly(finished, tmp_path, capsys, 
     assert opened.stage_done("generate") and not list(run.glob(".*.tmp"))
 
 
+def test_pretrain_killed_while_writing_its_model_restarts_cleanly(tmp_path, capsys):
+    run = tmp_path / "run"
+    args = ["pretrain", "--sensitive", "digits", "--limit", "200", "--method", "pdp-cvae", "--public", "digits",
+            "--epochs", "1", "--batch-size", "1000", "--quiet"]
+    killed(2, *args, "--run", str(run))  # fsync 1: manifest (stage begins), 2: pretrained.pt
+    opened = check_consistent(run)
+    assert opened.manifest["stages"]["pretrain"]["status"] == "running" and not opened.manifest["artifacts"]
+    clear_stale_lock(run, capsys, args)
+    assert main([*args, "--run", str(run)]) == 0
+    assert check_consistent(run).stage_done("pretrain") and not list(run.glob(".*.tmp"))
+
+
 @pytest.mark.parametrize("kill_at", [1, 2, 3, 6, 8])
 def test_finetune_killed_mid_write_never_under_counts_and_resumes(tmp_path, capsys, kill_at):
     # fsyncs of a new finetune run: 1 manifest (stage begins), 2 manifest (privacy event),
