@@ -136,7 +136,7 @@ def _wait_for(run: Path, proc: subprocess.Popen, ready) -> dict:
             manifest = yaml.safe_load((run / MANIFEST).read_text())
             if ready(manifest):
                 return manifest
-        time.sleep(0.05)
+        time.sleep(0.01)
     raise AssertionError(f"finetune ended (rc={proc.poll()}) before the test could interrupt it")
 
 
@@ -148,6 +148,7 @@ def test_second_process_is_refused_then_finetune_is_killed_mid_training_and_resu
     proc = _start([*LONG, "--run", str(run)])
     try:
         _wait_for(run, proc, lambda m: m["stages"]["finetune"].get("checkpoint"))
+        proc.send_signal(signal.SIGSTOP)  # frozen mid-training: alive, holding the lock
         # A second process on the same run directory is refused, naming the live holder.
         with pytest.raises(RunDirError, match=f"in use by process {proc.pid}"):
             with RunDir.open(run).lock():
