@@ -28,8 +28,7 @@ def command(
 ) -> None:
     """Train once on sklearn digits plus m canaries with the project's DP-SGD; bound epsilon from below.
 
-    Exit status 0 when the lower bound stays <= the claimed epsilon, 1 when it exceeds it
-    (the claim is refuted at the stated confidence)."""
+    Exit status 0 when the lower bound stays <= the claimed epsilon; 1 when it exceeds it, which refutes the claim at the stated confidence."""
     from ..audit.one_run import AuditConfig, run_audit  # scipy/sklearn only when auditing
 
     config = AuditConfig(claimed_epsilon=eps, delta=delta, canaries=canaries, epochs=epochs, batch_size=batch_size,
