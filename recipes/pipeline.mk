@@ -1,30 +1,39 @@
 # The five stages as a make pipeline: `make -f recipes/pipeline.mk RECIPE=recipes/demo.yaml`.
-# Each stage's artifact is a target, so make reruns only what is missing or stale.
+# Each stage leaves a stamp (in RUN.make/, beside the run directory) when it succeeds, so make
+# reruns only what is missing or stale, and a stage the recipe's method does not use (it says
+# so and exits 0) is not retried. Every recipe in recipes/ works here, whatever its method.
 # The run directory is named after the recipe's content hash: changing a recipe starts a new
 # run (and a new privacy budget) instead of re-spending the old run's budget on stale stages.
 DPSYNTH ?= dpsynth
 RECIPE ?= recipes/demo.yaml
-RUN ?= runs/$(basename $(notdir $(RECIPE)))-$(shell sha256sum $(RECIPE) | cut -c1-8)
+NAME ?= $(subst /,-,$(basename $(patsubst recipes/%,%,$(RECIPE))))
+RUN ?= runs/$(NAME)-$(shell sha256sum $(RECIPE) | cut -c1-8)
+STAMPS := $(RUN).make
 D := $(DPSYNTH) --recipe $(RECIPE)
 
 .PHONY: all ledger
-all: $(RUN)/results.csv ledger
+all: $(STAMPS)/evaluate ledger
 	@echo "samples: $(RUN)/samples.png   manifest: $(RUN)/manifest.yaml"
 
-$(RUN)/selection.json: $(RECIPE)
+$(STAMPS)/select-public: $(RECIPE)
 	$(D) select-public --run $(RUN)
+	@mkdir -p $(STAMPS) && touch $@
 
-$(RUN)/pretrained.pt: $(RUN)/selection.json
+$(STAMPS)/pretrain: $(STAMPS)/select-public
 	$(D) pretrain --run $(RUN)
+	@touch $@
 
-$(RUN)/generator.pt: $(RUN)/pretrained.pt
+$(STAMPS)/finetune: $(STAMPS)/pretrain
 	$(D) finetune --run $(RUN)
+	@touch $@
 
-$(RUN)/synthetic.npz: $(RUN)/generator.pt
+$(STAMPS)/generate: $(STAMPS)/finetune
 	$(D) generate --run $(RUN)
+	@touch $@
 
-$(RUN)/results.csv: $(RUN)/synthetic.npz
+$(STAMPS)/evaluate: $(STAMPS)/generate
 	$(D) evaluate --run $(RUN)
+	@touch $@
 
-ledger: $(RUN)/results.csv
+ledger: $(STAMPS)/evaluate
 	$(DPSYNTH) ledger --run $(RUN) --rdp

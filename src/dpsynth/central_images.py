@@ -38,6 +38,17 @@ def _median_blur3(x: torch.Tensor) -> torch.Tensor:
     return patches.reshape(n, c, 9, h * w).median(dim=2).values.reshape(n, c, h, w)
 
 
+def noisy_class_means(images: torch.Tensor, row_of: torch.Tensor, rows: int, *, noise_multiplier: float,
+                      sample_rate: float, generator: torch.Generator) -> torch.Tensor:
+    """One query: (rows, C, H/2, W/2) noisy means of a Poisson batch, before any clamping."""
+    n, c, h, w = images.shape
+    chosen = torch.rand(n, generator=generator) < sample_rate
+    x = F.interpolate(images[chosen].float() / 255.0, scale_factor=0.5, mode="nearest")
+    sums = torch.zeros(rows, c, h // 2, w // 2).index_add_(0, row_of[chosen], x)
+    noise = torch.randn(sums.shape, generator=generator) * noise_multiplier * l2_sensitivity(c, h, w)
+    return (sums + noise) / max(sample_rate * n / rows, 1.0)  # public denominator: expected class count
+
+
 def noisy_central_images(images: torch.Tensor, labels: torch.Tensor | None, num_classes: int, *,
                          noise_multiplier: float, sample_rate: float, queries: int,
                          generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -52,17 +63,12 @@ def noisy_central_images(images: torch.Tensor, labels: torch.Tensor | None, num_
     n, c, h, w = images.shape
     rows = num_classes if labels is not None else 1
     row_of = labels.long() if labels is not None else torch.zeros(n, dtype=torch.long)
-    delta = l2_sensitivity(c, h, w)
-    expected_per_class = max(sample_rate * n / rows, 1.0)  # public denominator
     out, out_labels = [], []
     for _ in range(queries):
-        chosen = torch.rand(n, generator=generator) < sample_rate
-        x = F.interpolate(images[chosen].float() / 255.0, scale_factor=0.5, mode="nearest")
-        sums = torch.zeros(rows, c, h // 2, w // 2)
-        sums.index_add_(0, row_of[chosen], x)
-        noisy = (sums + torch.randn(sums.shape, generator=generator) * noise_multiplier * delta) / expected_per_class
+        noisy = noisy_class_means(images, row_of, rows, noise_multiplier=noise_multiplier, sample_rate=sample_rate,
+                                  generator=generator)
         up = F.interpolate(noisy.clamp(0, 1), size=(h, w), mode="bilinear", align_corners=False)
-        out.append(_median_blur3(up))
+        out.append(_median_blur3(up))  # post-processing of the release, as DP-FETA does
         out_labels.append(torch.arange(rows))
     images_out = (torch.cat(out).clamp(0, 1) * 255).round().to(torch.uint8)
     return images_out, torch.cat(out_labels)
