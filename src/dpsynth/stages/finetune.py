@@ -99,7 +99,9 @@ def run_finetune(run_path: str | Path, settings: DataSettings | None = None, *, 
     else:
         generator = method_obj.build_generator(r, c, sensitive.num_classes)
     check_dp_compatible(generator)
-    if opts["grad_sample_mode"] != "vmap":  # vmap computes each example alone: nothing can mix
+    # vmap computes each example alone: nothing can mix. A resumed run's model passed this check
+    # before its event was recorded.
+    if opts["grad_sample_mode"] != "vmap" and not resume:
         # Random inputs of the sensitive set's shape: the check reads no sensitive data.
         probe = torch.Generator().manual_seed(0)
         check_per_sample_gradients(generator, torch.randint(0, 256, (2, c, r, r), dtype=torch.uint8, generator=probe),
