@@ -5,4 +5,7 @@ import pytest
 
 # Keep tests off the user's real caches; data still comes from the provisioned root.
 os.environ.setdefault("DPSYNTH_CACHE", os.path.join(os.path.dirname(__file__), "..", ".pytest_cache", "dpsynth-models"))
+# Feature caches (features of sensitive images included) stay out of the user's data root too.
+os.environ.setdefault("DPSYNTH_FEATURE_CACHE",
+                      os.path.join(os.path.dirname(__file__), "..", ".pytest_cache", "dpsynth-features"))
 warnings.filterwarnings("ignore")

@@ -153,3 +153,47 @@ def test_artifact_names_match_the_generate_stage():
     from dpsynth import reporting
     from dpsynth.stages import generate
     assert (reporting.SYNTHETIC, reporting.GRID) == (generate.SYNTHETIC, generate.GRID)
+
+
+def test_privacy_utility_curve_joins_dp_safe_runs_in_order_of_epsilon(runs):
+    table = collect_results(runs)
+    fig = privacy_utility_figure(table)
+    ax_acc, ax_fid = fig.axes[:2]
+    curves = [line for line in ax_acc.get_lines() if line.get_label().endswith("dp-safe-selection")]
+    assert len(curves) == 1
+    order = np.argsort(table["epsilon"].to_numpy())
+    assert list(curves[0].get_xdata()) == list(table["epsilon"].to_numpy()[order])
+    assert list(curves[0].get_ydata()) == list(table["accuracy"].to_numpy()[order])
+    fid_curve = [line for line in ax_fid.get_lines() if line.get_label().endswith("dp-safe-selection")][0]
+    assert list(fid_curve.get_ydata()) == list(table["fid_domain"].to_numpy()[order])
+
+
+def test_markdown_names_best_and_mean_and_keeps_noisy_val_dp(tmp_path):
+    path = make_run(tmp_path / "three", 2.0, ["dp-safe-selection", "noisy-val", "test-set-selection"])
+    run = RunDir.open(path)
+    for name, row in run.manifest["results"].items():
+        row.update(dp_safe=name != "test-set-selection", accuracy_mean=0.25, best_classifier="cnn", is_domain=3.5)
+    with run.lock():
+        run.save()
+    markdown = format_table(collect_results([str(path)]), "markdown")
+    header = markdown.splitlines()[0]
+    assert "| accuracy | accuracy_mean |" in header and "is_domain" in header
+    assert "fid_inception" not in header  # no run has Inception features: no such column
+    rows = {line.split(" | ")[5]: line for line in markdown.splitlines()[2:]}
+    assert set(rows) == {"dp-safe-selection", "noisy-val", "test-set-selection (NOT DP)"}
+    assert "| 0.25 |" in rows["noisy-val"] and "| 3.5 |" in rows["noisy-val"]
+
+
+def test_per_classifier_accuracies_become_columns(tmp_path):
+    path = make_run(tmp_path / "multi", 2.0, ["dp-safe-selection"])
+    run = RunDir.open(path)
+    run.manifest["results"]["dp-safe-selection"].update(
+        classifier="cnn,wrn", accuracy=0.8, accuracy_mean=0.7,
+        per_classifier={"cnn": {"accuracy": 0.6, "selected_epoch": 2}, "wrn": {"accuracy": 0.8, "selected_epoch": 3}})
+    with run.lock():
+        run.save()
+    table = collect_results([str(path)])
+    assert table[["accuracy_cnn", "accuracy_wrn"]].iloc[0].tolist() == [0.6, 0.8]
+    assert table["accuracy"].iloc[0] == max(0.6, 0.8) and table["accuracy_mean"].iloc[0] == pytest.approx(0.7)
+    header = format_table(table, "markdown").splitlines()[0]
+    assert "| accuracy | accuracy_mean | accuracy_cnn | accuracy_wrn |" in header

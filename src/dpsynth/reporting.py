@@ -25,12 +25,18 @@ from .rundir import MANIFEST, RunDir, atomic_write_bytes
 SYNTHETIC = "synthetic.npz"
 GRID = "samples.png"
 
+# Fidelity columns say which features they come from: "_domain" (a named public-trained network)
+# or "_inception" (clean-fid's Inception-v3); feature_network names the exact network either way.
+FIDELITY = ("fid", "kid", "precision", "recall", "fld", "is")
+DOMAIN_COLUMNS = tuple(f"{m}_domain" for m in FIDELITY)
+INCEPTION_COLUMNS = tuple(f"{m}_inception" for m in FIDELITY)
 COLUMNS = ("run", "run_id", "method", "sensitive", "epsilon", "delta", "accountant", "protocol", "dp_safe",
-           "classifier", "accuracy", "fid_domain", "kid_domain", "precision_domain", "recall_domain", "fld_domain",
-           "feature_network", "n_synthetic")
-RESULT_KEYS = ("protocol", "dp_safe", "classifier", "accuracy", "fid_domain", "kid_domain", "precision_domain",
-               "recall_domain", "fld_domain", "feature_network", "n_synthetic")
+           "classifier", "accuracy", "accuracy_mean", "best_classifier", *DOMAIN_COLUMNS, *INCEPTION_COLUMNS,
+           "image_reward", "feature_network", "n_synthetic")
+RESULT_KEYS = ("protocol", "dp_safe", "classifier", "accuracy", "accuracy_mean", "best_classifier", *DOMAIN_COLUMNS,
+               *INCEPTION_COLUMNS, "image_reward", "feature_network", "n_synthetic")
 NOT_EVALUATED = "(not evaluated)"
+PER_CLASSIFIER = "accuracy_"  # prefix of one column per classifier
 NOT_DP_PROTOCOL = "test-set-selection"
 FORMATS = ("markdown", "csv")
 DEFAULT_OUT = "reports"
@@ -38,10 +44,11 @@ PRIVACY_UTILITY_PNG = "privacy_utility.png"
 CLASS_COUNTS_PNG = "class_counts.png"
 
 # Columns of the printed (markdown) table: `run` is the path (in csv/json), and dp_safe is folded
-# into the protocol label so a non-DP row cannot be read without its mark.
-_DISPLAY = ("run_id", "method", "sensitive", "epsilon", "delta", "accountant", "protocol", "classifier", "accuracy",
-            "fid_domain", "kid_domain", "precision_domain", "recall_domain", "fld_domain", "n_synthetic",
-            "feature_network")
+# into the protocol label so a non-DP row cannot be read without its mark. `accuracy` is the best
+# over the classifiers (DPImageBench's tables), `accuracy_mean` their mean. Inception columns are
+# shown only when some run has them.
+_DISPLAY = ("run_id", "method", "sensitive", "epsilon", "delta", "protocol", "classifier", "accuracy",
+            "accuracy_mean", *DOMAIN_COLUMNS, *INCEPTION_COLUMNS, "n_synthetic", "feature_network")
 
 
 @dataclass
@@ -57,7 +64,9 @@ def collect_results(run_paths: Sequence[str | Path]) -> pd.DataFrame:
     rows: list[dict] = []
     for path, run in _open_runs(run_paths):
         rows.extend(_rows(path, run))
-    return pd.DataFrame(rows, columns=list(COLUMNS))
+    # Each classifier's own accuracy, after the fixed columns (accuracy_<name>, as in results.csv).
+    extra = sorted({key for row in rows for key in row if key not in COLUMNS})
+    return pd.DataFrame(rows, columns=[*COLUMNS, *extra])
 
 
 def _open_runs(run_paths: Sequence[str | Path]) -> list[tuple[Path, RunDir]]:
@@ -115,6 +124,10 @@ def _rows(path: Path, run: RunDir) -> list[dict]:
         if not isinstance(result, dict):
             raise RunDirError(f"manifest {run.path / MANIFEST} is invalid: results[{name!r}] is not a mapping")
         row = {**base, **{key: _value(result.get(key)) for key in RESULT_KEYS}}
+        per_classifier = result.get("per_classifier")
+        if isinstance(per_classifier, dict):
+            row.update({f"{PER_CLASSIFIER}{name}": _value((values or {}).get("accuracy"))
+                        for name, values in per_classifier.items() if isinstance(values, dict)})
         if _missing(row["protocol"]):
             row["protocol"] = str(name)
         rows.append(row)
@@ -150,7 +163,11 @@ def format_table(table: pd.DataFrame, fmt: str = "markdown") -> str:
     check_format(fmt)
     if fmt == "csv":
         return table.to_csv(index=False)
-    header = list(_DISPLAY)
+    header = [c for c in _DISPLAY if c not in INCEPTION_COLUMNS or table[c].notna().any()]
+    # Per-classifier accuracies only when some row averages over more than one classifier.
+    if table["classifier"].astype(str).str.contains(",").any():
+        at = header.index("accuracy_mean") + 1
+        header[at:at] = [c for c in table.columns if c.startswith(PER_CLASSIFIER) and c not in COLUMNS]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     for _, row in table.iterrows():
         cells = []
@@ -208,6 +225,8 @@ def privacy_utility_figure(table: pd.DataFrame):
 
     fig = Figure(figsize=(11, 4.5), layout="constrained")
     ax_acc, ax_fid = fig.subplots(1, 2)
+    # Inception FID when any run has it (then only those runs' networks label the axis), else domain FID.
+    fid_column = "fid_inception" if table["fid_inception"].notna().any() else "fid_domain"
     labels = _run_labels(table)
     colours = _colours(len(labels))
     handles = []
@@ -225,8 +244,10 @@ def privacy_utility_figure(table: pd.DataFrame):
             style = dict(color=colour, marker="x" if not_dp else "o", s=60)
             if not _missing(row["accuracy"]):
                 ax_acc.scatter([row["epsilon"]], [row["accuracy"]], **style)
-            if not _missing(row["fid_domain"]):
-                ax_fid.scatter([row["epsilon"]], [row["fid_domain"]], **style)
+            if not _missing(row[fid_column]):
+                ax_fid.scatter([row["epsilon"]], [row[fid_column]], **style)
+    for protocol in _curves(table, ax_acc, ax_fid, fid_column):
+        handles.append(Line2D([], [], color="grey", linestyle=_CURVE_STYLE[protocol], label=f"{protocol} across runs"))
     if any_not_dp:
         handles.append(Line2D([], [], color="black", marker="x", linestyle="", label="NOT DP (test-set selection)"))
     epsilon_label = "ε (privacy ledger, at each run's δ)"
@@ -234,13 +255,35 @@ def privacy_utility_figure(table: pd.DataFrame):
     ax_acc.set_ylabel("accuracy on the real test set")
     ax_acc.set_title("utility")
     ax_fid.set_xlabel(epsilon_label)
-    ax_fid.set_ylabel(fid_axis_label(table["feature_network"]), fontsize=8)
+    networks = table.loc[table[fid_column].notna(), "feature_network"]
+    ax_fid.set_ylabel(fid_axis_label(networks if len(networks) else table["feature_network"]), fontsize=8)
     ax_fid.set_title("fidelity (lower is better)")
     for ax in (ax_acc, ax_fid):
         ax.grid(alpha=0.3)
     if handles:
         fig.legend(handles=handles, loc="outside lower center", ncols=min(len(handles), 3), fontsize=8)
     return fig
+
+
+_CURVE_STYLE = {"dp-safe-selection": "-", "noisy-val": "--"}
+
+
+def _curves(table: pd.DataFrame, ax_acc, ax_fid, fid_column: str) -> list[str]:
+    """The privacy-utility curves: per (method, sensitive set, DP-safe protocol), a line through the
+    runs' points in order of epsilon, where at least two runs share them. Returns the protocols drawn."""
+    drawn: list[str] = []
+    rows = table[table["protocol"].isin(list(_CURVE_STYLE))]
+    for (method, sensitive, protocol), group in rows.groupby(["method", "sensitive", "protocol"], dropna=False):
+        group = group.sort_values("epsilon")
+        if group["run"].nunique() < 2:
+            continue
+        style = dict(color="grey", linewidth=1, linestyle=_CURVE_STYLE[protocol],
+                     label=f"{method} / {sensitive} / {protocol}", zorder=0)
+        ax_acc.plot(group["epsilon"], group["accuracy"], **style)
+        ax_fid.plot(group["epsilon"], group[fid_column], **style)
+        if protocol not in drawn:
+            drawn.append(protocol)
+    return drawn
 
 
 def class_counts_figure(counts: dict[str, np.ndarray]):

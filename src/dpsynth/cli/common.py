@@ -34,6 +34,10 @@ ArchOpt = typer.Option(None, "--arch", help="Generator architecture overrides: J
                                              "(e.g. width=16,ch_mult=2:2); fixed by the first stage that builds it.")
 DeviceOpt = typer.Option("auto", "--device", help="auto (GPU if visible), cpu or cuda[:N].")
 DeltaOpt = typer.Option(None, "--delta", help="Run's delta (default 1/(N ln N)); fixed once a run exists.")
+HoldoutOpt = typer.Option(0.0, "--holdout", help="New runs: share of the sensitive train set kept from the generator "
+                                                 "for 'evaluate --protocol noisy-val' (0 = none; at most 0.5).")
+NoisyValEpsOpt = typer.Option(None, "--noisy-val-eps", help="New runs: epsilon reserved in the ledger now for the "
+                                                            "noisy-val selection (needs --holdout).")
 
 
 @contextlib.contextmanager
@@ -80,12 +84,17 @@ def _fmt(value) -> str:
 
 
 
-def new_run_settings(sensitive, public, resolution, channels, limit, seed, data_root):
+def new_run_settings(sensitive, public, resolution, channels, limit, seed, data_root, holdout=0.0,
+                     noisy_val_eps=None):
     """Data settings for a run this command may create; None when --sensitive is absent
     (the command then works on an existing run and takes its recorded settings)."""
     from ..stages.common import DataSettings
 
     if not sensitive:
+        if holdout or noisy_val_eps is not None:
+            from ..errors import BadInput
+            raise BadInput("--holdout and --noisy-val-eps are fixed when a run is created; pass them with "
+                           "--sensitive on the run's first stage")
         return None
     return DataSettings(sensitive=sensitive, public=public, resolution=resolution, channels=channels,
-                        limit=limit, seed=seed, data_root=data_root)
+                        limit=limit, seed=seed, data_root=data_root, holdout=holdout, noisy_val_eps=noisy_val_eps)

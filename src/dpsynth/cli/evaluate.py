@@ -1,4 +1,4 @@
-"""`dpsynth evaluate`: accuracy under a named protocol and FID/KID on a named feature network."""
+"""`dpsynth evaluate`: accuracy under a named protocol and fidelity on a named feature network."""
 
 from typing import Optional
 
@@ -10,17 +10,33 @@ from .common import JsonOpt, QuietOpt, RunOpt, emit, progress_bars
 
 def command(
     protocol: str = typer.Option("dp-safe-selection", "--protocol",
-                                 help="dp-safe-selection (default) or test-set-selection (not DP; for comparison)."),
-    classifier: str = typer.Option("cnn", "--classifier"), epochs: int = typer.Option(10, "--epochs"),
+                                 help="dp-safe-selection (default; synthetic validation split), noisy-val (noisy "
+                                      "accuracy on the run's sensitive hold-out, charged to the ledger) or "
+                                      "test-set-selection (NOT DP; for comparison only)."),
+    classifier: str = typer.Option("cnn", "--classifier",
+                                   help="cnn, resnet (ResNet-110), wrn (WRN-40-4), resnext (ResNeXt-29 8x4d), "
+                                        "comma-separated, or dpimagebench (its three) / all."),
+    epochs: int = typer.Option(10, "--epochs"), batch_size: int = typer.Option(256, "--batch-size"),
     feature_public: Optional[str] = typer.Option(None, "--feature-public",
-                                                 help="Public set for the FID feature network (default: the run's)."),
+                                                 help="Public set for the domain feature network (default: the run's)."),
+    inception_weights: Optional[str] = typer.Option(None, "--inception-weights",
+                                                    help="Path of clean-fid's inception-2015-12-05.pt for Inception "
+                                                         "metrics offline (default: use it if already cached)."),
+    fid_max_real: int = typer.Option(10000, "--fid-max-real", help="Real training images used for FID/KID."),
     compare_protocols: bool = typer.Option(False, "--compare-protocols",
-                                           help="Also select on the real test set (NOT DP) and print the overstatement."),
+                                           help="Run all three protocols on the same classifiers and print the "
+                                                "test-set overstatement (NOT DP)."),
+    val_eps: Optional[float] = typer.Option(None, "--val-eps",
+                                            help="noisy-val: epsilon to charge now (must fit the run's target); "
+                                                 "default: use the budget reserved at run creation."),
+    val_noise: str = typer.Option("laplace", "--val-noise", help="noisy-val with --val-eps: laplace or gaussian."),
     run: str = RunOpt, quiet: bool = QuietOpt, json_out: bool = JsonOpt,
 ) -> None:
-    """Train a classifier on the synthetic set, select by synthetic validation, report real-test accuracy."""
+    """Train classifiers on the synthetic set, select checkpoints by the protocol, report real-test accuracy
+    and FID, KID, IS, precision/recall and FLD against the sensitive training set."""
     with progress_bars(quiet or json_out) as progress:
         result = run_evaluate(run, protocol=protocol, classifier=classifier, epochs=epochs,
                               feature_public=feature_public, compare_protocols=compare_protocols,
-                              progress=progress)
+                              val_eps=val_eps, val_noise=val_noise, inception_weights=inception_weights,
+                              fid_max_real=fid_max_real, batch_size=batch_size, progress=progress)
     emit(result, json_out, f"evaluate → {run}")

@@ -1,8 +1,10 @@
 """Evaluation of synthetic images: downstream utility and feature-space fidelity.
 
-- `utility.evaluate_utility`: classifier accuracy on the real test set, with
-  DP-safe checkpoint selection on a synthetic hold-out by default.
-- `fidelity.compute_fidelity`: FID/KID via clean-fid on a *named* feature network.
+- `selection`: the checkpoint-selection rules of the three protocols (dp-safe, noisy-val, test-set).
+- `utility.evaluate_protocols`: classifiers trained once on the synthetic set, every protocol's
+  rule applied to the same trajectory, real-test accuracy read in one final pass.
+- `fidelity`: FID/KID via clean-fid on a *named* feature network (Inception-v3 when its weights
+  are on disk); `manifold` (k-NN precision/recall), `fld`, `inception_score`; `feature_cache`.
 
 Submodules are imported explicitly (clean-fid is slow to import).
 """

@@ -311,6 +311,21 @@ def classifier_options(name: str) -> dict[str, object]:
     return {p.name: p.default for p in params}
 
 
+# DPImageBench's depths/widths for colour 32-px data (CIFAR); grey or <= 28 px sets use the defaults
+# (ResNet-110, WRN-40-4, ResNeXt-29 8x4d). ResNet-164 here is the basic-block 6n+2 network (n = 27).
+# "ResNeXt-28" cannot be built on the 9n+2 CIFAR template, so CIFAR gets ResNeXt-29 8x64d (Xie et al.'s
+# CIFAR model, and DPImageBench's resnext.py widths).
+CIFAR_OPTIONS = {"resnet": {"depth": 164}, "wrn": {"depth": 28, "width": 10},
+                 "resnext": {"depth": 29, "bottleneck_width": 64}}
+
+
+def published_options(name: str, in_channels: int, resolution: int) -> dict:
+    """Architecture options for `name` at this input size, as DPImageBench configures it."""
+    if in_channels == 3 and resolution >= 32:
+        return dict(CIFAR_OPTIONS.get(name, {}))
+    return {}
+
+
 def build_classifier(name: str, in_channels: int, num_classes: int, resolution: int, **options) -> nn.Module:
     """A freshly initialised classifier for `in_channels` x `resolution`^2 images.
 

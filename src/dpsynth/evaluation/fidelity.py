@@ -1,9 +1,10 @@
 """FID and KID through clean-fid, on a named feature network.
 
-Inception weights cannot be fetched here, so distances are computed on a
-domain feature network passed in by the caller. Its name travels with every
-figure: a number from another network is not comparable to Inception FID, and
-a report must never present it as such.
+Inception-v3 (clean-fid's torchscript weights) is used when its file is on disk;
+it cannot be fetched on an offline machine, so otherwise distances are computed
+on a domain feature network passed in by the caller. The network's name travels
+with every figure: a number from another network is not comparable to Inception
+FID, and a report must never present it as such.
 
 clean-fid is used for what it defines: its resizer (PIL bicubic on float
 channels, the "clean" mode filter), its batch feature extraction, and its
@@ -39,26 +40,87 @@ Progress = Callable[[str, int, int], None]
 _INCEPTION_FILE = "inception-2015-12-05.pt"
 
 
+INCEPTION_FILE = _INCEPTION_FILE
+INCEPTION = "inception"
+DOMAIN = "domain"
+
+
 @dataclass
 class FeatureNetwork:
     name: str  # identity stored with every figure, e.g. "querynet-mnist5k-28px:sha256:abcd1234"
     extractor: Callable[[torch.Tensor], torch.Tensor]  # float (N,3,H,W) in [0,255] -> (N,D)
     resolution: int | None = None  # clean-fid resize target; None keeps the images' own size
+    # Same input -> (N, C) class probabilities, for the Inception Score; None: no IS on this network.
+    probabilities: Callable[[torch.Tensor], torch.Tensor] | None = None
+    kind: str = DOMAIN  # INCEPTION only for clean-fid's Inception-v3 weights
+
+
+def inception_network(weights: str | os.PathLike, device: str | torch.device = "cpu") -> FeatureNetwork:
+    """clean-fid's Inception-v3 (its "clean" mode: PIL-bicubic resize to 299, pool3 features) from a local
+    copy of its torchscript file, which must keep clean-fid's name. Never downloads."""
+    path = os.path.abspath(os.fspath(weights))
+    if os.path.basename(path) != _INCEPTION_FILE:
+        raise BadInput(f"--inception-weights {weights} must be clean-fid's file named {_INCEPTION_FILE}")
+    if not os.path.isfile(path) or os.path.getsize(path) == 0:
+        raise BadInput(f"--inception-weights {weights} does not exist or is empty; give the path of {_INCEPTION_FILE}")
+    from cleanfid.inception_torchscript import InceptionV3W
+
+    device = torch.device(device)
+    try:
+        model = InceptionV3W(os.path.dirname(path), download=False, resize_inside=False).to(device).eval()
+    except (RuntimeError, ValueError) as exc:
+        raise BadInput(f"--inception-weights {weights} is not a loadable torchscript Inception ({exc})") from None
+
+    def probabilities(batch: torch.Tensor) -> torch.Tensor:
+        # The torchscript net's classifier output (1008 classes) without its softmax bias, as the
+        # original Inception Score code computes it (StyleGAN2-ADA's metrics use the same call).
+        with torch.no_grad():
+            return model.base(batch.to(device), no_output_bias=True).float()
+
+    digest = _sha256_prefix(path)
+    return FeatureNetwork(name=f"inception-v3(clean-fid,{_INCEPTION_FILE}):sha256:{digest}", extractor=model,
+                          resolution=299, probabilities=probabilities, kind=INCEPTION)
+
+
+def _sha256_prefix(path: str) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:12]
+
+
+def _clean_fid_folder() -> str:
+    return "./" if platform.system() == "Windows" else "/tmp"
 
 
 def inception_available() -> bool:
     """True when clean-fid's Inception weights are already on disk; never downloads."""
-    folder = "./" if platform.system() == "Windows" else "/tmp"
-    path = os.path.join(folder, _INCEPTION_FILE)
-    return os.path.isfile(path) and os.path.getsize(path) > 0
+    return find_inception_weights() is not None
+
+
+def find_inception_weights(explicit: str | os.PathLike | None = None, search: tuple = ()) -> str | None:
+    """`explicit` if given (checked when loaded), else the first non-empty copy of clean-fid's file in its
+    own download folder or in `search` folders (e.g. dpsynth's model cache); None when there is none."""
+    if explicit:
+        return os.fspath(explicit)
+    for folder in (_clean_fid_folder(), *map(os.fspath, search)):
+        path = os.path.join(folder, _INCEPTION_FILE)
+        if os.path.isfile(path) and os.path.getsize(path) > 0:
+            return path
+    return None
 
 
 def make_feature_network(
-    module: nn.Module, name: str, input_channels: int, resolution: int, device: str | torch.device = "cpu"
+    module: nn.Module, name: str, input_channels: int, resolution: int, device: str | torch.device = "cpu",
+    classifier: nn.Module | None = None,
 ) -> FeatureNetwork:
     """Wrap `module` (normalised [-1,1] images -> features) in clean-fid's [0,255] RGB convention.
 
-    The module is moved to `device` and always run in eval mode without gradients.
+    `classifier` (same input -> logits), when given, provides the class probabilities of an
+    Inception Score on this network. Modules are moved to `device` and run in eval mode.
     """
     if input_channels not in (1, 3):
         raise BadInput(f"input_channels must be 1 or 3, got {input_channels}")
@@ -68,8 +130,10 @@ def make_feature_network(
         raise BadInput("feature network name must be non-empty; it labels every FID/KID figure")
     device = torch.device(device)
     module = module.to(device)
+    if classifier is not None:
+        classifier = classifier.to(device)
 
-    def extract(batch: torch.Tensor) -> torch.Tensor:
+    def prepare(batch: torch.Tensor) -> torch.Tensor:
         x = batch.to(device=device, dtype=torch.float32)
         if input_channels == 1:
             # ITU-R 601 luma (PIL's "L"); returns the original value for repeated grey channels.
@@ -78,12 +142,20 @@ def make_feature_network(
             # Normally clean-fid has resized already; this only guards direct calls.
             x = F.interpolate(x, size=(resolution, resolution), mode="bicubic", align_corners=False, antialias=True)
             x = x.clamp(0.0, 255.0)
-        x = x / 127.5 - 1.0
+        return x / 127.5 - 1.0
+
+    def extract(batch: torch.Tensor) -> torch.Tensor:
         module.eval()
         with torch.no_grad():
-            return module(x).flatten(1).float()
+            return module(prepare(batch)).flatten(1).float()
 
-    return FeatureNetwork(name=name, extractor=extract, resolution=resolution)
+    def probabilities(batch: torch.Tensor) -> torch.Tensor:
+        classifier.eval()
+        with torch.no_grad():
+            return torch.softmax(classifier(prepare(batch)).float(), dim=1)
+
+    return FeatureNetwork(name=name, extractor=extract, resolution=resolution,
+                          probabilities=probabilities if classifier is not None else None)
 
 
 def _as_clean_fid_batch(images: torch.Tensor, resizer) -> torch.Tensor:
@@ -97,7 +169,7 @@ def _as_clean_fid_batch(images: torch.Tensor, resizer) -> torch.Tensor:
     return torch.stack(resized).float()
 
 
-def _features(images, net: FeatureNetwork, device, batch_size, progress, phase) -> np.ndarray:
+def _features(images, net: FeatureNetwork, device, batch_size, progress, phase, fn=None) -> np.ndarray:
     size = net.resolution
     needs_resize = size is not None and tuple(images.shape[-2:]) != (size, size)
     resizer = make_resizer("PIL", False, "bicubic", (size, size)) if needs_resize else None
@@ -106,7 +178,7 @@ def _features(images, net: FeatureNetwork, device, batch_size, progress, phase) 
     chunks = []
     for done, start in enumerate(range(0, n, batch_size), start=1):
         batch = _as_clean_fid_batch(images[start : start + batch_size].cpu(), resizer)
-        feats = cleanfid_fid.get_batch_features(batch, net.extractor, device)
+        feats = cleanfid_fid.get_batch_features(batch, fn or net.extractor, device)
         chunks.append(feats.reshape(feats.shape[0], -1))
         if progress is not None:
             progress(phase, done, total)
@@ -182,6 +254,27 @@ def compute_fidelity(
         "n_fake": int(fake.shape[0]),
     }
     return result
+
+
+def fid_from_features(real: np.ndarray, fake: np.ndarray) -> float:
+    """clean-fid's Frechet distance between the Gaussians fitted to two (N, D) feature sets."""
+    return _frechet(np.asarray(real, dtype=np.float64), np.asarray(fake, dtype=np.float64))
+
+
+def kid_from_features(real: np.ndarray, fake: np.ndarray, seed: int = 0) -> float:
+    """clean-fid's kernel distance (cubic polynomial-kernel MMD^2, subset-averaged), seeded."""
+    return _kernel(np.asarray(real, dtype=np.float64), np.asarray(fake, dtype=np.float64), seed)
+
+
+def extract_probabilities(images: torch.Tensor, feature_net: FeatureNetwork, *, device: str | torch.device = "cpu",
+                          batch_size: int = 256, progress: Progress | None = None,
+                          phase: str = "class-probabilities") -> np.ndarray:
+    """(N, C) class probabilities from the network's classifier, through the same clean-fid batches."""
+    if feature_net.probabilities is None:
+        raise BadInput(f"feature network {feature_net.name!r} has no classifier for the Inception Score")
+    check_images(images, phase)
+    return _features(images, feature_net, torch.device(device), batch_size, progress, phase,
+                     fn=feature_net.probabilities)
 
 
 def extract_features(images: torch.Tensor, feature_net: FeatureNetwork, *, device: str | torch.device = "cpu",

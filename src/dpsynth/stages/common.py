@@ -15,8 +15,9 @@ import torch
 from ..data import ImageSet, fingerprint, load_dataset
 from ..errors import BadInput, RunDirError
 from ..methods import get_method
-from ..privacy.accountant import check_delta, default_delta
-from ..rundir import RunDir
+from ..privacy.accountant import check_delta, compose_epsilon, default_delta
+from ..rundir import RunDir, now
+from .holdout import check_holdout, holdout_record, indices_sha256, reservation_event, split_off
 
 # progress(phase, done, total); the CLI draws rich bars from it, the library never prints.
 Progress = Callable[[str, int, int], None]
@@ -37,8 +38,13 @@ class DataSettings:
     limit: int | None = None
     seed: int = 0
     data_root: str | None = None
+    holdout: float = 0.0  # share of the sensitive train set kept from the generator for noisy-val
+    noisy_val_eps: float | None = None  # epsilon reserved in the ledger at creation for noisy-val
 
     def __post_init__(self) -> None:
+        check_holdout(self.holdout)
+        if self.noisy_val_eps is not None and not self.holdout:
+            raise BadInput(f"--noisy-val-eps {self.noisy_val_eps:g} needs a sensitive hold-out; pass --holdout too")
         if self.resolution is not None and (self.resolution < 8 or self.resolution % 4):
             raise BadInput(f"--resolution {self.resolution} must be a multiple of 4 and >= 8")
         if self.channels not in (None, 1, 3):
@@ -53,10 +59,33 @@ def check_positive(flag: str, value: float, integer: bool = False) -> None:
         raise BadInput(f"{flag} {value!r} is not allowed; it must be {'an integer' if integer else 'a number'} > 0")
 
 
-def load_sensitive(settings: DataSettings, split: str = "train") -> ImageSet:
+def _load_full(settings: DataSettings, split: str) -> ImageSet:
     return load_dataset(settings.sensitive, split, root=settings.data_root, resolution=settings.resolution,
                         channels=settings.channels, limit=settings.limit if split == "train" else None,
                         seed=settings.seed)
+
+
+def load_sensitive(settings: DataSettings, split: str = "train") -> ImageSet:
+    """The sensitive `split`; for "train", WITHOUT the run's hold-out, so no stage trains on it."""
+    images = _load_full(settings, split)
+    if split != "train":
+        return images
+    return split_off(images, settings.holdout or 0.0, settings.seed)[0]
+
+
+def load_holdout(run: RunDir) -> ImageSet:
+    """The run's sensitive hold-out, checked against the indices recorded when the run was created."""
+    settings = settings_from_run(run)
+    record = run.manifest.get("holdout") or {}
+    if not settings.holdout or not record.get("size"):
+        raise BadInput(f"run {run.path} has no sensitive hold-out; noisy-val needs one: create the run with "
+                       f"--holdout FRACTION (e.g. --holdout 0.1)")
+    full = _load_full(settings, "train")
+    _, held, indices = split_off(full, settings.holdout, settings.seed)
+    if indices_sha256(indices) != record.get("indices_sha256"):
+        raise RunDirError(f"the sensitive hold-out of {run.path} no longer matches the indices recorded at creation "
+                          f"({record.get('indices_sha256', '')[:19]}…); the dataset changed")
+    return held
 
 
 def load_public(settings: DataSettings, like: ImageSet) -> ImageSet:
@@ -98,6 +127,9 @@ def open_or_create_run(run_path: str | Path, *, method: str | None, settings: Da
         recorded = settings_from_run(run)
         if settings and settings.sensitive and settings.sensitive != recorded.sensitive:
             raise BadInput(f"--sensitive {settings.sensitive} does not match this run's {recorded.sensitive!r}")
+        if settings and (settings.holdout != recorded.holdout or settings.noisy_val_eps != recorded.noisy_val_eps):
+            raise BadInput(f"--holdout {settings.holdout:g} / --noisy-val-eps {settings.noisy_val_eps} differ from "
+                           f"this run's ({recorded.holdout:g} / {recorded.noisy_val_eps}); they are fixed at creation")
         if delta is not None and delta != run.delta:
             raise BadInput(f"--delta {delta:g} differs from this run's delta {run.delta:g}; delta is fixed per run")
         sensitive = load_sensitive(recorded)
@@ -107,16 +139,36 @@ def open_or_create_run(run_path: str | Path, *, method: str | None, settings: Da
         raise RunDirError(f"run directory {run_path} does not exist; create it with 'dpsynth select-public' "
                           f"or pass --sensitive NAME to start a run here")
     method_obj = get_method(method or "privimage-cvae")
-    sensitive = load_sensitive(settings)
-    if sensitive.labels is None or sensitive.num_classes < 1:
+    full = _load_full(settings, "train")
+    if full.labels is None or full.num_classes < 1:
         raise BadInput(f"sensitive dataset {settings.sensitive} has no labels; the conditional generators need them")
-    delta = delta if delta is not None else default_delta(len(sensitive))
-    if delta >= 1.0 / len(sensitive):
-        raise BadInput(f"--delta {delta:g} must be < 1/N = {1.0 / len(sensitive):.3g} for N={len(sensitive)} images")
+    # The hold-out is decided here, before any mechanism reads the data, and never changes.
+    sensitive, _, held = split_off(full, settings.holdout, settings.seed)
+    # delta is per protected image: N counts the hold-out too (it is sensitive data as well).
+    n = len(full)
+    delta = delta if delta is not None else default_delta(n)
+    if delta >= 1.0 / n:
+        raise BadInput(f"--delta {delta:g} must be < 1/N = {1.0 / n:.3g} for N={n} images")
     public_record = {"name": settings.public} if settings.public else None
     run = RunDir.create(run_path, method=method_obj.name, sensitive=dataset_record(sensitive),
                         public=public_record, delta=delta, settings=settings.__dict__)
+    if held.numel():
+        run.manifest["holdout"] = holdout_record(settings.holdout, settings.seed, held, n)
+    if settings.noisy_val_eps is not None:
+        _append_event(run, reservation_event(settings.noisy_val_eps, [], delta))
     return run, sensitive
+
+
+def _append_event(run: RunDir, event) -> None:
+    """Put `event` in the new run's in-memory ledger, as `RunDir.record_event` records it; the creating
+    stage's first save writes it, before that stage (or any later one) runs a mechanism."""
+    events = [*run.events(), event]
+    after = compose_epsilon(events, run.delta)
+    record = {k: v for k, v in event.to_dict().items() if k != "note" or v}
+    record.update(time=now(), epsilon_after=float(after.upper), accountant=after.accountant)
+    run.manifest["privacy"]["events"].append(record)
+    run.manifest["privacy"]["epsilon"] = float(after.upper)
+    run.manifest["privacy"]["accountant"] = after.accountant
 
 
 def cache_dir() -> Path:

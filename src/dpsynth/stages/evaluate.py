@@ -1,9 +1,16 @@
-"""Stage `evaluate`: utility under DPImageBench's DP-safe protocol, and FID/KID on a named
-feature network. Evaluation against the sensitive test set is reporting, not release."""
+"""Stage `evaluate`: utility under DPImageBench's protocols and fidelity on a named feature network.
+
+Evaluation against the sensitive test set is reporting, not release. The one selection
+that reads sensitive data the generator never saw, noisy-val, is a ledger event: it is
+either reserved at run creation (`--noisy-val-eps`) or charged here, and a charge that
+would take the run past its target epsilon is refused before anything is written.
+"""
 
 from __future__ import annotations
 
+import functools
 import io
+import os
 from dataclasses import replace
 from pathlib import Path
 
@@ -12,27 +19,171 @@ import pandas as pd
 import torch
 
 from ..data import load_dataset
-from ..errors import BadInput
-from ..evaluation.fidelity import compute_fidelity, extract_features, inception_available, make_feature_network
+from ..data.registry import data_root
+from ..errors import BadInput, BudgetExhausted
+from ..evaluation.feature_cache import FeatureCache
+from ..evaluation.fidelity import (INCEPTION, extract_features, extract_probabilities, fid_from_features,
+                                   find_inception_weights, inception_network, kid_from_features,
+                                   make_feature_network)
 from ..evaluation.fld import fld
+from ..evaluation.inception_score import inception_score
 from ..evaluation.manifold import precision_recall
-from ..evaluation.utility import evaluate_utility
-from ..rundir import RunDir
-from .common import Progress, check_positive, load_sensitive, no_progress, settings_from_run, check_same_data
+from ..evaluation.selection import DP_SAFE, NOISES, NOISY_VAL, PROTOCOLS, TEST_SET, check_protocol, noise_rng
+from ..evaluation.utility import NoisyVal, evaluate_protocols, parse_classifiers
+from ..privacy.accountant import compose_epsilon
+from ..privacy.events import event_from_dict
+from ..rundir import RunDir, now
+from .common import (Progress, cache_dir, check_positive, check_same_data, load_holdout, load_sensitive,
+                     no_progress, settings_from_run)
 from .generate import STAGE as GENERATE_STAGE, SYNTHETIC
+from .holdout import charge_event, noisy_val_scale
 from .query_cache import query_net_for
 
 STAGE = "evaluate"
 RESULTS_CSV = "results.csv"
-PROTOCOLS = ("dp-safe-selection", "test-set-selection")
 DEFAULT_FEATURE_PUBLIC = "mnist5k"
+RESERVED = "(reserved at run creation)"
+IMAGE_REWARD_UNAVAILABLE = ("unavailable: ImageReward needs its reward model (ImageReward-v1.0) and BLIP/BERT "
+                            "weights from Hugging Face, which this offline machine cannot fetch; it also scores "
+                            "text-image alignment, so it needs a prompt per class")
+ACCURACY_NOTE = ("accuracy = best over the classifiers of their real-test accuracy (DPImageBench's tables); "
+                 "accuracy_mean = their mean; each classifier's checkpoint is chosen by the protocol")
 
 
-def _feature_network(run: RunDir, feature_public: str | None, resolution: int, channels: int, seed: int):
-    name = feature_public or (run.manifest.get("public") or {}).get("name") or DEFAULT_FEATURE_PUBLIC
+def run_evaluate(run_path: str | Path, *, protocol: str = DP_SAFE, classifier: str = "cnn", epochs: int = 10,
+                 feature_public: str | None = None, fid_max_real: int = 10000, compare_protocols: bool = False,
+                 val_eps: float | None = None, val_noise: str = "laplace", inception_weights: str | None = None,
+                 batch_size: int = 256, progress: Progress = no_progress) -> dict:
+    """Evaluate the run's synthetic set. With `compare_protocols`, the same classifiers are also
+    selected on the sensitive hold-out (noisy-val, when the run has one) and on the real test set
+    (the flawed practice) to show how much the latter overstates accuracy."""
+    check_protocol(protocol)
+    check_positive("--epochs", epochs, integer=True)
+    check_positive("--fid-max-real", fid_max_real, integer=True)
+    check_positive("--batch-size", batch_size, integer=True)
+    if val_noise not in NOISES:
+        raise BadInput(f"--val-noise {val_noise!r} is unknown; choose one of {', '.join(NOISES)}")
+    if val_eps is not None:
+        check_positive("--val-eps", val_eps)
+    classifiers = parse_classifiers(classifier)
+    run = RunDir.open(run_path)
+    run.require_stage(GENERATE_STAGE, STAGE)
+    with np.load(io.BytesIO(run.read_artifact(SYNTHETIC))) as npz:
+        fake_images, fake_labels = torch.from_numpy(npz["images"]), torch.from_numpy(npz["labels"]).long()
     settings = settings_from_run(run)
-    public = load_dataset(name, "train", root=settings.data_root, resolution=resolution, channels=channels)
-    net, identity = query_net_for(public, seed=seed)
+    sens = run.manifest["sensitive"]
+
+    protocols = list(PROTOCOLS) if compare_protocols else [protocol]
+    unavailable = {}
+    if NOISY_VAL in protocols and not (run.manifest.get("holdout") or {}).get("size"):
+        reason = (f"run {run.path} has no sensitive hold-out; noisy-val needs one: create the run with "
+                  f"--holdout FRACTION (e.g. --holdout 0.1)")
+        if not compare_protocols:
+            raise BadInput(reason)
+        protocols.remove(NOISY_VAL)
+        unavailable[NOISY_VAL] = "unavailable: " + reason
+    # Privacy first: the noisy-val event is decided and checked before anything is computed or written.
+    plan = None
+    if NOISY_VAL in protocols:
+        try:
+            plan = _plan_noisy_val(run, len(classifiers) * epochs, val_eps, val_noise)
+        except BudgetExhausted as exc:
+            if not compare_protocols:
+                raise
+            protocols.remove(NOISY_VAL)  # a comparison still runs the two protocols that cost nothing
+            unavailable[NOISY_VAL] = f"unavailable: {exc}"
+    features = _feature_network(run, settings, feature_public, inception_weights)
+    holdout = load_holdout(run) if plan else None
+
+    test_cache: dict = {}
+
+    def load_test():  # the sensitive test set, loaded at most once and only when first needed
+        if not test_cache:
+            test = load_sensitive(replace(settings, limit=None), split="test")
+            test_cache["data"] = (test.images, test.labels)
+        return test_cache["data"]
+
+    config = {"protocols": protocols, "classifiers": classifiers, "epochs": epochs, "batch_size": batch_size,
+              "feature_network": features.name, "val_noise": plan["noise"] if plan else None}
+    with run.lock():
+        run.begin_stage(STAGE, config, inputs=[SYNTHETIC])
+        try:
+            noisy = _charge(run, plan, holdout) if plan else None  # write-ahead: before any noisy count exists
+            utilities = evaluate_protocols(fake_images, fake_labels, load_test, sens["num_classes"],
+                                           protocols=protocols, classifiers=classifiers, noisy_val=noisy,
+                                           epochs=epochs, batch_size=batch_size, seed=settings.seed,
+                                           progress=progress)
+            fidelity = _fidelity(run, settings, fake_images, load_test()[0], features, fid_max_real, batch_size,
+                                 progress)
+        except BaseException:
+            run.end_stage(STAGE, status="failed")
+            raise
+        per_protocol = {name: _result_row(run, utility, fidelity, plan, len(fake_images))
+                        for name, utility in utilities.items()}
+        table = pd.DataFrame([{"run": run.manifest["run_id"], "method": run.manifest["method"],
+                               "sensitive": sens["name"], **_flat(row)} for row in per_protocol.values()])
+        run.write_artifact(STAGE, RESULTS_CSV, table.to_csv(index=False).encode())
+        run.manifest["results"].update(per_protocol)
+        run.end_stage(STAGE)
+    return _summary(per_protocol, protocol, compare_protocols, unavailable)
+
+
+# ---- noisy-val privacy ------------------------------------------------------------------------
+def _reservation(run: RunDir):
+    """The unused noisy-val event reserved when the run was created, or None."""
+    if (run.manifest.get("holdout") or {}).get("reservation_used"):
+        return None
+    for record in run.manifest["privacy"]["events"]:
+        if record.get("stage") == STAGE and RESERVED in str(record.get("note", "")):
+            return event_from_dict(record)
+    return None
+
+
+def _plan_noisy_val(run: RunDir, num_counts: int, val_eps: float | None, noise: str) -> dict:
+    """Which event pays for the `num_counts` noisy hold-out counts, and their per-count noise scale."""
+    reserved = _reservation(run) if val_eps is None else None
+    if reserved is not None:
+        return {"event": reserved, "new": False, "noise": "gaussian", "scale": noisy_val_scale(reserved, num_counts),
+                "num_counts": num_counts, "epsilon_after": run.manifest["privacy"]["epsilon"]}
+    if val_eps is None:
+        raise BudgetExhausted("noisy-val needs privacy budget: this run reserved none (or used it); pass "
+                              "--val-eps EPS (it must fit the run's target epsilon) or create the run with "
+                              "--holdout F --noisy-val-eps EPS so fine-tuning leaves room for it")
+    target = run.manifest["privacy"].get("target_epsilon")
+    spent = run.events()
+    event = charge_event(val_eps, noise, num_counts, spent, run.delta)
+    after = compose_epsilon([*spent, event], run.delta)
+    if target is None or after.upper > float(target):
+        limit = "has no target epsilon (finetune sets it)" if target is None else f"has target epsilon {target:g}"
+        raise BudgetExhausted(
+            f"--val-eps {val_eps:g} would take the run's epsilon from {run.manifest['privacy']['epsilon']:.3f} to "
+            f"{after.upper:.3f}, but the run {limit}; reserve noisy-val budget at run creation "
+            f"(--holdout F --noisy-val-eps EPS) or use --protocol dp-safe-selection (free)")
+    return {"event": event, "new": True, "noise": noise, "scale": noisy_val_scale(event, num_counts),
+            "num_counts": num_counts, "after": after, "epsilon_after": after.upper}
+
+
+def _charge(run: RunDir, plan: dict, holdout) -> NoisyVal:
+    """Record the event (or mark the reservation used) on disk, then hand out the noisy-count mechanism."""
+    if plan["new"]:
+        run.record_event(plan["event"], plan["after"])
+    else:
+        run.manifest["holdout"]["reservation_used"] = now()
+        run.save()
+    return NoisyVal(images=holdout.images, labels=holdout.labels, noise=plan["noise"], scale=plan["scale"],
+                    rng=noise_rng())
+
+
+# ---- fidelity ---------------------------------------------------------------------------------
+def _feature_network(run: RunDir, settings, feature_public: str | None, inception_weights: str | None):
+    """Inception-v3 when its weights are on disk (or given), else the public-only domain network."""
+    path = find_inception_weights(inception_weights, search=(cache_dir(),))
+    if path is not None:
+        return inception_network(path)
+    sens = run.manifest["sensitive"]
+    name = feature_public or (run.manifest.get("public") or {}).get("name") or DEFAULT_FEATURE_PUBLIC
+    public = _public_set(name, settings.data_root, sens["resolution"], sens["channels"])
+    net, identity = query_net_for(public, seed=settings.seed)
 
     class Features(torch.nn.Module):
         def __init__(self):
@@ -42,105 +193,118 @@ def _feature_network(run: RunDir, feature_public: str | None, resolution: int, c
         def forward(self, x):
             return self.net.features(x)
 
-    return make_feature_network(Features(), identity, input_channels=channels, resolution=resolution)
+    return make_feature_network(Features(), identity, input_channels=sens["channels"],
+                                resolution=sens["resolution"], classifier=net)
 
 
-def run_evaluate(run_path: str | Path, *, protocol: str = "dp-safe-selection", classifier: str = "cnn",
-                 epochs: int = 10, feature_public: str | None = None, fid_max_real: int = 10000,
-                 compare_protocols: bool = False, progress: Progress = no_progress) -> dict:
-    """Evaluate the run's synthetic set. With `compare_protocols`, the same classifier is also
-    selected on the real test set (the flawed practice) to show how much that overstates accuracy."""
-    if protocol not in PROTOCOLS:
-        raise BadInput(f"--protocol {protocol!r} is unknown; choose one of {', '.join(PROTOCOLS)}")
-    check_positive("--epochs", epochs, integer=True)
-    check_positive("--fid-max-real", fid_max_real, integer=True)
-    run = RunDir.open(run_path)
-    run.require_stage(GENERATE_STAGE, STAGE)
-    with np.load(io.BytesIO(run.read_artifact(SYNTHETIC))) as npz:
-        fake_images, fake_labels = torch.from_numpy(npz["images"]), torch.from_numpy(npz["labels"]).long()
-    settings = settings_from_run(run)
-    sens = run.manifest["sensitive"]
-    seed = settings.seed
-    protocols = list(PROTOCOLS) if compare_protocols else [protocol]
-    test_images, test_labels = _test_set(settings)  # read once; only reporting uses it
-
-    utilities = {name: evaluate_utility(fake_images, fake_labels, test_images, test_labels, sens["num_classes"],
-                                        protocol=name, classifier=classifier, epochs=epochs, seed=seed,
-                                        progress=progress)
-                 for name in protocols}
-    fidelity = _fidelity(run, settings, fake_images, test_images, feature_public, fid_max_real, progress)
-    per_protocol = {
-        name: {
-            "protocol": name,
-            "dp_safe": name == "dp-safe-selection",
-            "classifier": classifier,
-            "accuracy": utility.accuracy,
-            "selected_epoch": utility.selected_epoch,
-            "val_accuracies": [round(a, 4) for a in utility.val_accuracies],
-            **fidelity,
-            "n_synthetic": int(len(fake_images)),
-            "epsilon": run.manifest["privacy"]["epsilon"],
-            "delta": run.delta,
-        }
-        for name, utility in utilities.items()
-    }
-    table = pd.DataFrame([{"run": run.manifest["run_id"], "method": run.manifest["method"], "sensitive": sens["name"],
-                           **{k: v for k, v in row.items() if k != "val_accuracies"}}
-                          for row in per_protocol.values()])
-    with run.lock():
-        run.begin_stage(STAGE, {"protocols": protocols, "classifier": classifier, "epochs": epochs,
-                                "feature_network": fidelity["feature_network"]}, inputs=[SYNTHETIC])
-        run.write_artifact(STAGE, RESULTS_CSV, table.to_csv(index=False).encode())
-        run.manifest["results"].update(per_protocol)
-        run.end_stage(STAGE)
-    results = dict(per_protocol[protocol if not compare_protocols else "dp-safe-selection"])
-    if compare_protocols:
-        flawed = per_protocol["test-set-selection"]["accuracy"]
-        results["test_set_selection_accuracy_NOT_DP"] = flawed
-        results["overstatement"] = flawed - results["accuracy"]
-    return results
+@functools.lru_cache(maxsize=2)
+def _public_set(name: str, root: str | None, resolution: int, channels: int):
+    # Public data only, immutable: repeated evaluations in one process parse it once.
+    return load_dataset(name, "train", root=root, resolution=resolution, channels=channels)
 
 
-def _fidelity(run, settings, fake_images, test_images, feature_public, fid_max_real, progress) -> dict:
-    sens = run.manifest["sensitive"]
-    features = _feature_network(run, feature_public, sens["resolution"], sens["channels"], settings.seed)
+def feature_cache_dir(settings) -> Path:
+    """Next to the sensitive data (features of sensitive images are sensitive), never in the run."""
+    return Path(os.environ.get("DPSYNTH_FEATURE_CACHE") or data_root(settings.data_root) / "features")
+
+
+def _fidelity(run, settings, fake_images, test_images, features, fid_max_real, batch_size, progress,
+              max_pr: int = 5000, max_fld: int = 2000) -> dict:
+    """FID/KID (up to fid_max_real real images), precision/recall (k=4, up to 5,000 per set), FLD (its EM
+    fit is quadratic: up to 2,000 per set) and IS, all on one named network, against the sensitive train set."""
     real = load_sensitive(settings)
     check_same_data(run, real)
-    if len(real) > fid_max_real:
-        gen = torch.Generator().manual_seed(settings.seed)
-        real = real.subset(torch.randperm(len(real), generator=gen)[:fid_max_real])
-    fidelity = compute_fidelity(real.images, fake_images, features, progress=progress)
-    extra = _manifold_metrics(real.images, fake_images, test_images, features, settings.seed, progress)
-    return {
-        "fid_domain": fidelity["fid"],
-        "kid_domain": fidelity["kid"],
-        "feature_network": fidelity["feature_network"],
-        "fid_reference": f"{sens['name']} train ({fidelity['n_real']} images)",
-        **extra,
-        # Inception FID needs clean-fid's weights; a domain FID is never reported under that name.
-        "fid_note": ("domain-feature FID/KID on the named network; not comparable to Inception FID"
-                     + ("" if inception_available() else " (Inception weights not available on this machine)")),
-    }
-
-
-def _manifold_metrics(real, fake, real_test, features, seed, progress, max_pr: int = 5000,
-                      max_fld: int = 2000) -> dict:
-    """Precision/recall (k=4 manifolds, up to 5,000 per set) and FLD (its EM fit is quadratic:
-    up to 2,000 per set) on the same named feature network."""
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator().manual_seed(settings.seed)
 
     def capped(images, n):
         return images if len(images) <= n else images[torch.randperm(len(images), generator=gen)[:n]]
 
-    feats = {name: extract_features(capped(images, max_pr), features, progress=progress, phase=f"features-{name}")
-             for name, images in (("real", real), ("fake", fake), ("real-test", real_test))}
-    pr = precision_recall(feats["real"], feats["fake"], k=4)
-    small = {name: f[:max_fld] for name, f in feats.items()}  # already shuffled above
-    return {"precision_domain": pr["precision"], "recall_domain": pr["recall"],
-            "fld_domain": fld(small["real"], small["real-test"], small["fake"], seed=seed),
-            "fld_samples": min(max_fld, *(len(f) for f in feats.values()))}
+    cache = FeatureCache(feature_cache_dir(settings))
+
+    def feats(images, phase):
+        return cache.get(images, features, "features", lambda: extract_features(
+            images, features, batch_size=batch_size, progress=progress, phase=phase))
+
+    real_images = capped(real.images, fid_max_real)
+    f_real, f_fake = feats(real_images, "features-real"), feats(fake_images, "features-fake")
+    f_test = feats(capped(test_images, max_pr), "features-real-test")
+    pr_real, pr_fake = capped(torch.from_numpy(f_real), max_pr), capped(torch.from_numpy(f_fake), max_pr)
+    pr = precision_recall(pr_real, pr_fake, k=4)
+    fld_value = fld(pr_real[:max_fld], torch.from_numpy(f_test)[:max_fld], pr_fake[:max_fld], seed=settings.seed)
+    probs = cache.get(fake_images, features, "probabilities", lambda: extract_probabilities(
+        fake_images, features, batch_size=batch_size, progress=progress, phase="class-probabilities-fake"))
+    is_mean, is_std = inception_score(probs, splits=min(10, len(probs)))
+    suffix = "_inception" if features.kind == INCEPTION else "_domain"
+    note = ("Inception-v3 features (clean-fid weights)" if features.kind == INCEPTION else
+            "domain-feature metrics on the named network (trained on public data only); not comparable to "
+            "Inception FID/IS: no Inception weights on this machine (pass --inception-weights PATH)")
+    return {
+        **{name + suffix: value for name, value in (
+            ("fid", fid_from_features(f_real, f_fake)), ("kid", kid_from_features(f_real, f_fake, settings.seed)),
+            ("precision", pr["precision"]), ("recall", pr["recall"]), ("fld", fld_value),
+            ("is", is_mean), ("is_std", is_std))},
+        "feature_network": features.name,
+        "feature_kind": features.kind,
+        "fid_reference": f"{run.manifest['sensitive']['name']} train ({len(f_real)} images)",
+        "fld_samples": int(min(max_fld, len(pr_real), len(pr_fake), len(f_test))),
+        "image_reward": None,
+        "image_reward_note": IMAGE_REWARD_UNAVAILABLE,
+        "fid_note": note,
+        "feature_cache": {"hits": cache.hits, "misses": cache.misses},
+    }
 
 
-def _test_set(settings):
-    test = load_sensitive(replace(settings, limit=None), split="test")
-    return test.images, test.labels
+# ---- results ----------------------------------------------------------------------------------
+def _result_row(run, utility, fidelity, plan, n_synthetic) -> dict:
+    result = utility.to_dict()
+    row = {
+        "protocol": utility.protocol,
+        "dp_safe": utility.dp_safe,
+        "classifier": ",".join(result["classifiers"]),
+        "accuracy": result["accuracy_best"],
+        "accuracy_best": result["accuracy_best"],
+        "best_classifier": result["best_classifier"],
+        "accuracy_mean": result["accuracy_mean"],
+        "accuracy_note": ACCURACY_NOTE,
+        "selected_epoch": {c: v["selected_epoch"] for c, v in result["per_classifier"].items()},
+        "per_classifier": result["per_classifier"],
+        "train_size": result["train_size"], "val_size": result["val_size"],
+        **{k: v for k, v in fidelity.items() if k != "feature_cache"},
+        "n_synthetic": int(n_synthetic),
+        "epsilon": run.manifest["privacy"]["epsilon"],
+        "delta": run.delta,
+    }
+    if utility.protocol == NOISY_VAL:
+        row.update(holdout_size=result["holdout_size"], val_noise=plan["noise"], val_noise_scale=plan["scale"],
+                   val_counts_released=plan["num_counts"],
+                   val_event="reserved at run creation" if not plan["new"] else "charged by this evaluation")
+    if utility.protocol == TEST_SET:
+        row["not_dp"] = "NOT DP: checkpoints chosen by accuracy on the sensitive test set (shown only to measure " \
+                        "how much that overstates accuracy)"
+    return row
+
+
+def _flat(row: dict) -> dict:
+    """A results.csv row: nested values become per-classifier columns."""
+    flat = {k: v for k, v in row.items() if not isinstance(v, dict)}
+    for name, values in row["per_classifier"].items():
+        flat[f"accuracy_{name}"] = values["accuracy"]
+        flat[f"selected_epoch_{name}"] = values["selected_epoch"]
+    return flat
+
+
+def _summary(per_protocol: dict, protocol: str, compare: bool, unavailable: dict) -> dict:
+    primary = DP_SAFE if compare else protocol
+    results = {k: v for k, v in per_protocol[primary].items() if k not in ("per_classifier",)}
+    for name, values in per_protocol[primary]["per_classifier"].items():
+        results[f"accuracy_{name}"] = values["accuracy"]
+    if compare:
+        flawed = per_protocol[TEST_SET]["accuracy"]
+        results["test_set_selection_accuracy_NOT_DP"] = flawed
+        results["overstatement"] = flawed - results["accuracy"]
+        if NOISY_VAL in per_protocol:
+            results["noisy_val_accuracy"] = per_protocol[NOISY_VAL]["accuracy"]
+            results["overstatement_vs_noisy_val"] = flawed - per_protocol[NOISY_VAL]["accuracy"]
+        results.update({f"{name}": reason for name, reason in unavailable.items()})
+        results["epsilon"] = max(row["epsilon"] for row in per_protocol.values())
+    return results

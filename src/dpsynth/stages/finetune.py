@@ -28,20 +28,25 @@ OPTIONS = ("epochs", "batch_size", "clip", "lr", "grad_sample_mode", "noise_mult
            "ema")
 
 
+def check_options(opts: dict) -> None:
+    """Each given value on its own (None: not given)."""
+    for flag in ("epochs", "batch_size", "noise_multiplicity", "physical_batch_size"):
+        if opts.get(flag) is not None:
+            check_positive("--" + flag.replace("_", "-"), opts[flag], integer=True)
+    for flag in ("clip", "lr"):
+        if opts.get(flag) is not None:
+            check_positive("--" + flag, opts[flag])
+    if opts.get("ema") is not None and not (0.0 < opts["ema"] < 1.0):
+        raise BadInput(f"--ema {opts['ema']!r} must be between 0 and 1 (e.g. 0.999)")
+    if opts.get("grad_sample_mode") is not None and opts["grad_sample_mode"] not in GRAD_SAMPLE_MODES:
+        raise BadInput(f"--grad-sample-mode {opts['grad_sample_mode']!r} is unknown; "
+                       f"choose one of {', '.join(GRAD_SAMPLE_MODES)}")
+
+
 def resolve_options(method_obj, given: dict) -> dict:
     """Explicit options over the method's defaults, then validated."""
     opts = {k: (given.get(k) if given.get(k) is not None else method_obj.finetune_defaults.get(k)) for k in OPTIONS}
-    for flag in ("epochs", "batch_size", "noise_multiplicity"):
-        check_positive("--" + flag.replace("_", "-"), opts[flag], integer=True)
-    check_positive("--clip", opts["clip"])
-    check_positive("--lr", opts["lr"])
-    if opts["physical_batch_size"] is not None:
-        check_positive("--physical-batch-size", opts["physical_batch_size"], integer=True)
-    if opts["ema"] is not None and not (0.0 < opts["ema"] < 1.0):
-        raise BadInput(f"--ema {opts['ema']!r} must be between 0 and 1 (e.g. 0.999)")
-    if opts["grad_sample_mode"] not in GRAD_SAMPLE_MODES:
-        raise BadInput(f"--grad-sample-mode {opts['grad_sample_mode']!r} is unknown; "
-                       f"choose one of {', '.join(GRAD_SAMPLE_MODES)}")
+    check_options(opts)
     if opts["grad_sample_mode"] == "ghost" and opts["noise_multiplicity"] > 1:
         raise BadInput(f"--grad-sample-mode ghost cannot average --noise-multiplicity {opts['noise_multiplicity']} "
                        f"draws per example; use vmap, hooks or functorch")
@@ -56,10 +61,11 @@ def run_finetune(run_path: str | Path, settings: DataSettings | None = None, *, 
                  arch: str | dict | None = None, device: str | None = None, resume: bool = False,
                  checkpoint_every: int | None = None, progress: Progress = no_progress) -> dict:
     check_positive("--eps", eps)
+    check_options({k: v for k, v in locals().items() if k in OPTIONS})  # before any data is read
     if checkpoint_every is not None:
         check_positive("--checkpoint-every", checkpoint_every, integer=True)
     if method is not None:
-        resolve_options(get_method(method), locals())  # flags checked before any data is read
+        resolve_options(get_method(method), locals())
     check_secure_available(secure)
     run, sensitive = open_or_create_run(run_path, method=method, settings=settings, delta=delta)
     method_obj = get_method(run.manifest["method"], parse_arch(arch))
