@@ -27,3 +27,17 @@ class IntegrityError(DpsynthError):
 
 class BudgetExhausted(DpsynthError):
     """The privacy ledger cannot fit the requested mechanism within the target epsilon."""
+
+
+class StorageError(DpsynthError):
+    """A file could not be written (full disk, read-only or unwritable location); the previous
+    version of the file, if any, is left in place."""
+
+
+class Interrupted(Exception):
+    """Training stopped at a step boundary on request (Ctrl-C) after writing a checkpoint.
+    Not a DpsynthError: the CLI reports it with exit status 130, like any interrupted command."""
+
+    def __init__(self, message: str, step: int, total: int):
+        super().__init__(message)
+        self.step, self.total = step, total

@@ -10,19 +10,21 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import errno
 import hashlib
 import io
 import os
 import platform
 import secrets
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import yaml
 
 from . import __version__
-from .errors import BadInput, IntegrityError, RunDirError
+from .errors import BadInput, IntegrityError, RunDirError, StorageError
 from .privacy.events import SCHEMA_VERSION as EVENT_SCHEMA_VERSION
 from .privacy.events import PrivacyEvent, event_from_dict
 from .privacy.accountant import EpsilonBounds
@@ -46,7 +48,8 @@ def sha256_file(path: Path) -> str:
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> str:
-    """Write via temp file + fsync + rename; returns the sha256 of `data`."""
+    """Write via temp file + fsync + rename; returns the sha256 of `data`.
+    On any OS error (full disk, read-only) the old file stays and StorageError says why."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     try:
@@ -55,10 +58,34 @@ def atomic_write_bytes(path: Path, data: bytes) -> str:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
+    except OSError as exc:
+        raise StorageError(f"cannot write {path}: {_os_reason(exc)}; {path.name} was left as it was "
+                           f"(free space or choose a writable location)") from None
     finally:
-        if tmp.exists():
+        with contextlib.suppress(OSError):
             tmp.unlink()
     return hashlib.sha256(data).hexdigest()
+
+
+def _os_reason(exc: OSError) -> str:
+    code = errno.errorcode.get(exc.errno or 0, "")
+    return f"{exc.strerror or exc} ({code})" if code else str(exc.strerror or exc)
+
+
+def check_writable_location(path: Path) -> None:
+    """Refuse an output directory that cannot be created or written, before any work is done.
+    The probe is a nameless temp file in the nearest existing ancestor (removed at once)."""
+    ancestor = Path(path).absolute()
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise RunDirError(f"--run {path} cannot be created: {ancestor} is a file, not a directory")
+    try:
+        with tempfile.TemporaryFile(dir=ancestor):
+            pass
+    except OSError as exc:
+        raise StorageError(f"--run {path} is not writable ({ancestor}: {_os_reason(exc)}); "
+                           f"choose a writable directory") from None
 
 
 def package_versions() -> dict[str, str]:
@@ -76,9 +103,11 @@ def package_versions() -> dict[str, str]:
 class RunDir:
     """A run directory; construct with `RunDir.open` (must exist) or `RunDir.create`."""
 
-    def __init__(self, path: Path, manifest: dict):
+    def __init__(self, path: Path, manifest: dict, loaded_sha256: str | None = None):
         self.path = Path(path)
         self.manifest = manifest
+        # What was on disk when we read it: `lock` refuses if another process changed it since.
+        self._loaded_sha256 = loaded_sha256
 
     # ---- opening ------------------------------------------------------------------------
     @classmethod
@@ -88,14 +117,15 @@ class RunDir:
         if not manifest_path.is_file():
             raise RunDirError(f"run directory {path} has no {MANIFEST}; run 'dpsynth select-public' or "
                               f"'dpsynth pretrain' with --run {path} first")
+        raw = manifest_path.read_bytes()
         try:
-            manifest = yaml.safe_load(manifest_path.read_text())
+            manifest = yaml.safe_load(raw.decode())
         except (yaml.YAMLError, UnicodeDecodeError) as exc:
             first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             raise RunDirError(f"manifest {manifest_path} is corrupt (not valid YAML: {first}); "
                               f"it was left untouched") from None
         validate_manifest(manifest, manifest_path)
-        return cls(path, manifest)
+        return cls(path, manifest, hashlib.sha256(raw).hexdigest())
 
     @classmethod
     def exists(cls, path: str | Path) -> bool:
@@ -110,6 +140,7 @@ class RunDir:
             raise RunDirError(f"run directory {path} already has a manifest")
         if path.exists() and not path.is_dir():
             raise RunDirError(f"--run {path} exists and is not a directory")
+        check_writable_location(path)
         manifest = {
             "schema_version": MANIFEST_SCHEMA_VERSION,
             "dpsynth_version": __version__,
@@ -130,25 +161,48 @@ class RunDir:
     # ---- locking ------------------------------------------------------------------------
     @contextlib.contextmanager
     def lock(self) -> Iterator["RunDir"]:
-        """Exclusive lock: O_EXCL create of DIR/.lock holding our pid."""
-        self.path.mkdir(parents=True, exist_ok=True)
+        """Exclusive lock: O_EXCL create of DIR/.lock holding our pid. Directories this call
+        creates are removed again if the body fails before writing anything into them."""
+        created = [p for p in (self.path, *self.path.parents) if not p.exists()]
         lock_path = self.path / LOCK
         try:
+            self.path.mkdir(parents=True, exist_ok=True)
             fd = os.open(lock_path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
             raise RunDirError(_lock_holder_message(lock_path)) from None
+        except OSError as exc:
+            _remove_empty(created)
+            raise StorageError(f"cannot lock run directory {self.path}: {_os_reason(exc)}") from None
         try:
-            os.write(fd, f"{os.getpid()}\n".encode())
-            os.close(fd)
+            try:
+                os.write(fd, f"{os.getpid()}\n".encode())
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            lock_path.unlink()
+            _remove_empty(created)
+            raise StorageError(f"cannot write lock {lock_path}: {_os_reason(exc)}") from None
+        try:
+            self._check_unchanged_since_read()
+            _remove_dead_temp_files(self.path)
             yield self
         finally:
             with contextlib.suppress(FileNotFoundError):
                 lock_path.unlink()
+            _remove_empty(created)
+
+    def _check_unchanged_since_read(self) -> None:
+        manifest_path = self.path / MANIFEST
+        on_disk = sha256_file(manifest_path) if manifest_path.is_file() else None
+        if on_disk != self._loaded_sha256:
+            raise RunDirError(f"run directory {self.path} was changed by another process while this command "
+                              f"was preparing ({MANIFEST} {'appeared' if self._loaded_sha256 is None else 'changed'}); "
+                              f"nothing was written, run the command again")
 
     # ---- manifest -------------------------------------------------------------------------
     def save(self) -> None:
         text = yaml.safe_dump(self.manifest, sort_keys=False, default_flow_style=None, width=110)
-        atomic_write_bytes(self.path / MANIFEST, text.encode())
+        self._loaded_sha256 = atomic_write_bytes(self.path / MANIFEST, text.encode())
 
     @property
     def delta(self) -> float:
@@ -236,6 +290,22 @@ class RunDir:
     def read_artifact(self, name: str) -> bytes:
         path = self.verify_artifact(name)
         return path.read_bytes()
+
+
+def _remove_dead_temp_files(directory: Path) -> None:
+    """Temp files of a writer killed mid-write (`.NAME.PID.HEX.tmp`, PID dead) are garbage:
+    the rename never happened, so the real file is still the old one."""
+    for tmp in directory.glob(".*.tmp"):
+        parts = tmp.name.rsplit(".", 3)
+        if len(parts) == 4 and parts[1].isdigit() and not _pid_alive(int(parts[1])):
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+
+
+def _remove_empty(created: list[Path]) -> None:
+    for directory in created:  # deepest first
+        with contextlib.suppress(OSError):
+            directory.rmdir()
 
 
 def _lock_holder_message(lock_path: Path) -> str:

@@ -6,7 +6,7 @@ from typing import Optional
 
 import typer
 
-from . import evaluate, finetune, generate, ledger, pretrain, report, select_public
+from . import audit, evaluate, finetune, generate, ledger, pretrain, report, select_public
 from .recipe import load_recipe
 
 app = typer.Typer(name="dpsynth", help="Differentially private image synthesis with an honest privacy ledger.",
@@ -18,8 +18,9 @@ app.command("generate")(generate.command)
 app.command("evaluate")(evaluate.command)
 app.command("ledger")(ledger.command)
 app.command("report")(report.command)
+app.command("audit")(audit.command)
 
-COMMANDS = {"select-public", "pretrain", "finetune", "generate", "evaluate", "ledger", "report"}
+COMMANDS = {"select-public", "pretrain", "finetune", "generate", "evaluate", "ledger", "report", "audit"}
 
 
 @app.callback()

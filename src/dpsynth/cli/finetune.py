@@ -30,6 +30,10 @@ def command(
                                                            "split (virtual steps)." + _DEFAULT),
     ema: Optional[float] = typer.Option(None, "--ema", help="EMA rate of the weights (e.g. 0.999)." + _DEFAULT),
     secure: bool = typer.Option(False, "--secure", help="opacus secure_mode (CSPRNG noise; slower)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted or killed finetune from its last "
+                                "checkpoint, under the privacy event it already recorded (same --eps)."),
+    checkpoint_every: Optional[int] = typer.Option(None, "--checkpoint-every", help="Write a checkpoint every N "
+                                                   "DP-SGD steps (Ctrl-C always writes one)."),
     arch: Optional[str] = ArchOpt, device: str = DeviceOpt,
     run: str = RunOpt, sensitive: Optional[str] = SensitiveOpt, public: Optional[str] = PublicOpt,
     method: Optional[str] = MethodOpt, data_root: Optional[str] = DataRootOpt,
@@ -44,5 +48,6 @@ def command(
         result = run_finetune(run, settings, eps=eps, delta=delta, epochs=epochs, batch_size=batch_size, clip=clip,
                               lr=lr, grad_sample_mode=grad_sample_mode, noise_multiplicity=noise_multiplicity,
                               physical_batch_size=physical_batch_size, ema=ema, secure=secure, method=method,
-                              arch=arch, device=device, progress=progress)
+                              arch=arch, device=device, resume=resume, checkpoint_every=checkpoint_every,
+                              progress=progress)
     emit(result, json_out, f"finetune → {run}")

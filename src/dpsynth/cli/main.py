@@ -6,7 +6,7 @@ import os
 import sys
 import warnings
 
-from ..errors import DpsynthError
+from ..errors import DpsynthError, Interrupted
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -17,6 +17,9 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         app(args=argv, standalone_mode=False, prog_name="dpsynth")
+    except Interrupted as exc:
+        sys.stderr.write(f"interrupted: {exc}\n")
+        return 130
     except DpsynthError as exc:
         if os.environ.get("DPSYNTH_DEBUG"):
             raise

@@ -6,6 +6,7 @@ its estimate: the numerical error of the discretisation is added, so we can only
 
 from __future__ import annotations
 
+import functools
 import math
 from collections import Counter
 from dataclasses import dataclass
@@ -73,6 +74,13 @@ def _grouped(events: Iterable[PrivacyEvent]) -> list[tuple[PrivacyEvent, int]]:
 def compose_epsilon(events: Sequence[PrivacyEvent], delta: float) -> EpsilonBounds:
     """(lower, estimate, upper) epsilon of the composition of `events` at `delta` (PRV)."""
     check_delta(delta)
+    return _compose_cached(tuple(events), float(delta))
+
+
+@functools.lru_cache(maxsize=4096)
+def _compose_cached(events: tuple[PrivacyEvent, ...], delta: float) -> EpsilonBounds:
+    # Pure function of frozen events: calibration and the ledger ask for the same
+    # compositions again within one process, and each PRV evaluation costs ~0.5 s.
     groups = _grouped(events)
     if not groups:
         return EpsilonBounds(0.0, 0.0, 0.0)

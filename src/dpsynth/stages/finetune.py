@@ -7,13 +7,17 @@ from pathlib import Path
 
 import torch
 
-from ..errors import BadInput
+from ..errors import BadInput, Interrupted
 from ..methods import get_method, parse_arch
 from ..privacy.accountant import calibrate_noise_multiplier, compose_epsilon
 from ..privacy.events import PoissonGaussianEvent
+from ..rundir import now
+from ..training.checkpoint import stop_on_sigint
 from ..training.device import resolve_device
+from ..training.dp_guards import check_per_sample_gradients
 from ..training.dpsgd import (GRAD_SAMPLE_MODES, DPSGDPlan, ExponentialMovingAverage, check_dp_compatible,
                               check_secure_available, train_dp)
+from . import finetune_checkpoints as checkpoints
 from .common import (DataSettings, Progress, check_positive, no_progress, open_or_create_run, torch_bytes,
                      torch_load_bytes)
 from .pretrain import PRETRAINED, STAGE as PRETRAIN_STAGE
@@ -54,25 +58,35 @@ def run_finetune(run_path: str | Path, settings: DataSettings | None = None, *, 
                  clip: float | None = None, lr: float | None = None, grad_sample_mode: str | None = None,
                  noise_multiplicity: int | None = None, physical_batch_size: int | None = None,
                  ema: float | None = None, secure: bool = False, method: str | None = None,
-                 arch: str | dict | None = None, device: str | None = None,
-                 progress: Progress = no_progress) -> dict:
+                 arch: str | dict | None = None, device: str | None = None, resume: bool = False,
+                 checkpoint_every: int | None = None, progress: Progress = no_progress) -> dict:
     check_positive("--eps", eps)
     check_options({k: v for k, v in locals().items() if k in OPTIONS})  # before any data is read
+    if checkpoint_every is not None:
+        check_positive("--checkpoint-every", checkpoint_every, integer=True)
     if method is not None:
         resolve_options(get_method(method), locals())
     check_secure_available(secure)
     run, sensitive = open_or_create_run(run_path, method=method, settings=settings, delta=delta)
     method_obj = get_method(run.manifest["method"], parse_arch(arch))
-    opts = resolve_options(method_obj, {k: v for k, v in locals().items() if k in OPTIONS})
+    given = {k: v for k, v in locals().items() if k in OPTIONS}
+    if resume:  # the interrupted attempt's recorded options, which its ledger event was solved for
+        given = _resume_options(run, eps, given)
+    opts = resolve_options(method_obj, given)
     seed = run.manifest["settings"].get("seed", 0)
     torch_device = resolve_device(device)
 
     plan = DPSGDPlan(dataset_size=len(sensitive), batch_size=opts["batch_size"], epochs=opts["epochs"])
     spent = run.events()
-    # Solved before anything is written: an over-budget request changes nothing on disk.
-    sigma = calibrate_noise_multiplier(spent, eps, run.delta, sample_rate=plan.sample_rate, steps=plan.steps)
-    event = PoissonGaussianEvent(stage=STAGE, noise_multiplier=sigma, sample_rate=plan.sample_rate, steps=plan.steps)
-    after = compose_epsilon([*spent, event], run.delta)
+    if resume:  # no new event: the one written before the first step covers all planned steps
+        event = checkpoints.resumable_event(run, STAGE, run.manifest["stages"][STAGE]["config"])
+        sigma, after = event.noise_multiplier, compose_epsilon(spent, run.delta)
+    else:
+        # Solved before anything is written: an over-budget request changes nothing on disk.
+        sigma = calibrate_noise_multiplier(spent, eps, run.delta, sample_rate=plan.sample_rate, steps=plan.steps)
+        event = PoissonGaussianEvent(stage=STAGE, noise_multiplier=sigma, sample_rate=plan.sample_rate,
+                                     steps=plan.steps)
+        after = compose_epsilon([*spent, event], run.delta)
     eps_after = after.upper
     if eps_after > eps:  # calibration guarantees otherwise; checked before anything is written
         raise AssertionError(f"ledger epsilon {eps_after} would exceed target {eps}")
@@ -91,6 +105,14 @@ def run_finetune(run_path: str | Path, settings: DataSettings | None = None, *, 
     else:
         generator = method_obj.build_generator(r, c, sensitive.num_classes)
     check_dp_compatible(generator)
+    # vmap computes each example alone: nothing can mix. A resumed run's model passed this check
+    # before its event was recorded.
+    if opts["grad_sample_mode"] != "vmap" and not resume:
+        # Random inputs of the sensitive set's shape: the check reads no sensitive data.
+        probe = torch.Generator().manual_seed(0)
+        check_per_sample_gradients(generator, torch.randint(0, 256, (2, c, r, r), dtype=torch.uint8, generator=probe),
+                                   torch.randint(0, sensitive.num_classes, (2,), generator=probe),
+                                   method_obj.per_sample_loss)
     generator.to(torch_device)
     ema_tracker = ExponentialMovingAverage(generator, opts["ema"]) if opts["ema"] else None
 
@@ -98,18 +120,33 @@ def run_finetune(run_path: str | Path, settings: DataSettings | None = None, *, 
               "sample_rate": plan.sample_rate, "steps": plan.steps, "device": str(torch_device),
               "parameters": sum(p.numel() for p in generator.parameters()), "generator": generator.cfg.to_dict()}
     with run.lock():
-        run.begin_stage(STAGE, config, inputs=inputs)
-        run.manifest["privacy"]["target_epsilon"] = float(eps)
-        run.record_event(event, after)  # write-ahead: before any noisy step
-        # Batch sampling and noise must be secret: reseed from OS entropy, not the recorded seed.
+        if resume:
+            state = checkpoints.load_checkpoint(run, STAGE, event)  # sha256, run and event checked
+            entry = run.manifest["stages"][STAGE]
+            entry["status"] = "running"
+            entry.setdefault("resumed", []).append({"time": now(), "from_step": state["step"] if state else 0})
+            run.save()
+        else:
+            state = None
+            checkpoints.discard_all(run, STAGE)  # an earlier attempt's checkpoints belong to its own event
+            run.begin_stage(STAGE, config, inputs=inputs)
+            run.manifest["privacy"]["target_epsilon"] = float(eps)
+            run.record_event(event, after)  # write-ahead: before any noisy step
+        # Batch sampling and noise must be secret: reseed from OS entropy, not the recorded seed
+        # (a resumed run restores the checkpoint's RNG state instead).
         torch.manual_seed(secrets.randbits(63))
         try:
-            trained = train_dp(generator, sensitive.images, sensitive.labels, method_obj.per_sample_loss, plan=plan,
-                               noise_multiplier=sigma, clip=opts["clip"], lr=opts["lr"],
-                               grad_sample_mode=opts["grad_sample_mode"], secure=secure,
-                               noise_multiplicity=opts["noise_multiplicity"],
-                               physical_batch_size=opts["physical_batch_size"], ema=ema_tracker,
-                               progress=lambda d, t, _l: progress("finetune (DP-SGD)", d, t))
+            with stop_on_sigint() as stop:
+                trained = train_dp(generator, sensitive.images, sensitive.labels, method_obj.per_sample_loss,
+                                   plan=plan, noise_multiplier=sigma, clip=opts["clip"], lr=opts["lr"],
+                                   grad_sample_mode=opts["grad_sample_mode"], secure=secure,
+                                   noise_multiplicity=opts["noise_multiplicity"],
+                                   physical_batch_size=opts["physical_batch_size"], ema=ema_tracker,
+                                   progress=lambda d, t, _l: progress("finetune (DP-SGD)", d, t), resume=state,
+                                   on_step=checkpoints.Checkpointer(run, STAGE, event, checkpoint_every, stop))
+        except Interrupted:
+            run.end_stage(STAGE, status="interrupted")
+            raise
         except BaseException:
             run.end_stage(STAGE, status="failed")
             raise
@@ -119,5 +156,22 @@ def run_finetune(run_path: str | Path, settings: DataSettings | None = None, *, 
             payload["ema_state_dict"] = {k: v.cpu() for k, v in ema_tracker.state_dict().items()}
         run.write_artifact(STAGE, GENERATOR, torch_bytes(payload))
         run.end_stage(STAGE)
+        checkpoints.discard_all(run, STAGE)  # after completion: until then they are the way back
     return {"epsilon_spent": eps_after, "target_epsilon": eps, "delta": run.delta, "noise_multiplier": sigma,
             "sample_rate": plan.sample_rate, "steps": plan.steps, "method": method_obj.name}
+
+
+def _resume_options(run, eps: float, given: dict) -> dict:
+    """--resume continues the recorded configuration; a flag that contradicts it is refused."""
+    entry = run.manifest["stages"].get(STAGE)
+    if entry is None:
+        raise BadInput(f"--resume: there is no interrupted finetune in {run.path}; drop --resume")
+    recorded = entry["config"]
+    if float(eps) != float(recorded["eps"]):
+        raise BadInput(f"--resume: --eps {eps:g} differs from the interrupted run's --eps {recorded['eps']:g}")
+    for key, value in given.items():
+        if value is not None and value != recorded.get(key):
+            flag = "--" + key.replace("_", "-")
+            raise BadInput(f"--resume: {flag} {value!r} differs from the interrupted run's {recorded.get(key)!r}; "
+                           f"drop {flag}")
+    return {k: recorded.get(k) for k in OPTIONS}

@@ -9,6 +9,7 @@ sampling at exactly `sample_rate`, exactly `steps` noisy steps, clipping at `cli
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import math
 import warnings
 from dataclasses import dataclass
@@ -24,6 +25,8 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from ..errors import BadInput
+from .checkpoint import capture_state, restore_model_and_optimizer, restore_rng
+from .dp_guards import check_poisson_sampler
 
 GRAD_SAMPLE_MODES = ("ghost", "vmap", "hooks", "functorch")
 Progress = Callable[[int, int, float], None]
@@ -169,7 +172,8 @@ def train_dp(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
              plan: DPSGDPlan, noise_multiplier: float, clip: float, lr: float,
              grad_sample_mode: str = "ghost", secure: bool = False, optimizer: str = "adam",
              noise_multiplicity: int = 1, physical_batch_size: int | None = None,
-             ema: ExponentialMovingAverage | None = None, progress: Progress | None = None) -> nn.Module:
+             ema: ExponentialMovingAverage | None = None, progress: Progress | None = None,
+             resume: dict | None = None, on_step: Callable[[int, Callable[[], dict]], None] | None = None) -> nn.Module:
     """Train `model` in place with DP-SGD; returns the underlying (unwrapped) module.
 
     noise_multiplicity K (DPDM): each example's loss is averaged over K independent draws
@@ -178,6 +182,9 @@ def train_dp(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
     physical_batch_size splits each Poisson (logical) batch into chunks whose clipped
     gradients are summed before the single noisy step (opacus' virtual steps), so large
     logical batches fit in memory; the mechanism is unchanged.
+    resume: a state from `training.checkpoint.capture_state`; training continues after its
+    step with its weights, optimizer, EMA and RNG. on_step(step, snapshot) is called at
+    every logical step boundary; snapshot() captures that state (for checkpoints).
     """
     if grad_sample_mode not in GRAD_SAMPLE_MODES:
         raise BadInput(f"--grad-sample-mode {grad_sample_mode!r} is unknown; choose one of {', '.join(GRAD_SAMPLE_MODES)}")
@@ -206,7 +213,9 @@ def train_dp(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
     loader.batch_sampler.steps = plan.steps_per_epoch
     if len(loader) != plan.steps_per_epoch or loader.sample_rate != plan.sample_rate:
         raise RuntimeError("DP data loader length differs from the accounted plan")
+    check_poisson_sampler(loader, plan.sample_rate)
     base_optimizer = optimizers[optimizer](model.parameters(), lr=lr)
+    start = restore_model_and_optimizer(resume, model, base_optimizer, ema) if resume else 0
     k = noise_multiplicity
     if grad_sample_mode == "ghost":
         with warnings.catch_warnings():
@@ -234,10 +243,18 @@ def train_dp(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
 
     dp_model.train()
     device = trainable[0].device if trainable else torch.device("cpu")
-    step = 0
+    step = start
     chunk = physical_batch_size or len(images)
-    for _epoch in range(plan.epochs):
-        for x, y in loader:
+    per_epoch = plan.steps_per_epoch
+    # A DataLoader iterator draws its base seed from the RNG when created: mid-epoch, the
+    # checkpointed RNG state already follows that draw, so create it before restoring.
+    first = iter(loader) if resume and start % per_epoch else None
+    if resume:
+        restore_rng(resume)  # after everything above: the next draw is the first resumed step's
+    for epoch in range(start // per_epoch, plan.epochs):
+        todo = per_epoch - start % per_epoch if epoch == start // per_epoch else per_epoch
+        batches = first if first is not None and epoch == start // per_epoch else iter(loader)
+        for x, y in itertools.islice(batches, todo):  # Poisson batches are independent across steps
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             pieces = list(zip(x.split(chunk), y.split(chunk))) if len(x) else []
             loss_sum = 0.0
@@ -264,6 +281,8 @@ def train_dp(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
                 ema.update(model)
             if progress:
                 progress(step, plan.steps, loss_sum / max(len(x), 1))
+            if on_step:
+                on_step(step, lambda: capture_state(step, model, base_optimizer, ema))
     if step != plan.steps:
         raise RuntimeError(f"ran {step} DP-SGD steps but the ledger recorded {plan.steps}")
     return dp_model._module if hasattr(dp_model, "_module") else model

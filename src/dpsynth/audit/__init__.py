@@ -1,0 +1,1 @@
+"""Empirical privacy audit: a statistical lower bound on epsilon from planted canaries."""
