@@ -82,11 +82,6 @@ class CVAEMethod(Method):
     def per_sample_loss(model, x, y):
         return model(x.float() / 255.0 if x.dtype == torch.uint8 else x, y)
 
-    def sample(self, model, labels, generator, **options):
-        if options:
-            raise BadInput(f"{self.name} has no sampler settings; drop {', '.join('--' + k for k in options)}")
-        return model.sample(labels, generator=generator)
-
 
 class PrivImageCVAE(CVAEMethod):
     name = "privimage-cvae"

@@ -53,7 +53,7 @@ def run_pretrain(run_path: str | Path, settings: DataSettings | None = None, *, 
     check_positive("--lr", lr)
     torch_device = resolve_device(device)
     _, c, r, _ = sensitive.images.shape
-    torch.manual_seed(settings_from_run(run).seed if run.manifest.get("stages") else (settings.seed if settings else 0))
+    torch.manual_seed(run.manifest["settings"].get("seed", 0))  # recorded when the run was created
     generator = method_obj.build_generator(r, c, sensitive.num_classes)
 
     if method_obj.uses_central_warmup:
