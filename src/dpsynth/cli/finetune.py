@@ -29,6 +29,12 @@ def command(
                                                       help="Examples per forward/backward; logical batches are "
                                                            "split (virtual steps)." + _DEFAULT),
     ema: Optional[float] = typer.Option(None, "--ema", help="EMA rate of the weights (e.g. 0.999)." + _DEFAULT),
+    optimizer: Optional[str] = typer.Option(None, "--optimizer", help="Private optimizer: dpsgd (opacus) or efsgd "
+                                            "(error feedback, EFSGD/DiceSGD)." + _DEFAULT),
+    feedback_clip: Optional[float] = typer.Option(None, "--feedback-clip", help="EFSGD: clipping norm C2 of the "
+                                                  "error-feedback term." + _DEFAULT),
+    train_opts: Optional[str] = typer.Option(None, "--train-opts", help="Method-specific settings as JSON or k=v "
+                                             "pairs (e.g. n_critic=5,lr_g=2e-4); unknown keys are refused."),
     secure: bool = typer.Option(False, "--secure", help="opacus secure_mode (CSPRNG noise; slower)."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted or killed finetune from its last "
                                 "checkpoint, under the privacy event it already recorded (same --eps)."),
@@ -47,7 +53,8 @@ def command(
     with progress_bars(quiet or json_out) as progress:
         result = run_finetune(run, settings, eps=eps, delta=delta, epochs=epochs, batch_size=batch_size, clip=clip,
                               lr=lr, grad_sample_mode=grad_sample_mode, noise_multiplicity=noise_multiplicity,
-                              physical_batch_size=physical_batch_size, ema=ema, secure=secure, method=method,
+                              physical_batch_size=physical_batch_size, ema=ema, optimizer=optimizer,
+                              feedback_clip=feedback_clip, train_opts=train_opts, secure=secure, method=method,
                               arch=arch, device=device, resume=resume, checkpoint_every=checkpoint_every,
                               progress=progress)
     emit(result, json_out, f"finetune → {run}")

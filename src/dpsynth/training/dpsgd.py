@@ -18,7 +18,6 @@ from typing import Callable
 import torch
 from opacus import GradSampleModule, PrivacyEngine
 from opacus.data_loader import DPDataLoader
-from opacus.optimizers import DPOptimizer
 from opacus.utils.fast_gradient_clipping_utils import DPTensorFastGradientClipping
 from opacus.validators import ModuleValidator
 from torch import nn
@@ -27,6 +26,7 @@ from torch.utils.data import TensorDataset
 from ..errors import BadInput
 from .checkpoint import capture_state, restore_model_and_optimizer, restore_rng
 from .dp_guards import check_poisson_sampler
+from .private_optimizer import check_private_optimizer, make_private_optimizer
 
 GRAD_SAMPLE_MODES = ("ghost", "vmap", "hooks", "functorch")
 Progress = Callable[[int, int, float], None]
@@ -172,6 +172,7 @@ def train_dp(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
              plan: DPSGDPlan, noise_multiplier: float, clip: float, lr: float,
              grad_sample_mode: str = "ghost", secure: bool = False, optimizer: str = "adam",
              noise_multiplicity: int = 1, physical_batch_size: int | None = None,
+             private_optimizer: str = "dpsgd", feedback_clip: float | None = None,
              ema: ExponentialMovingAverage | None = None, progress: Progress | None = None,
              resume: dict | None = None, on_step: Callable[[int, Callable[[], dict]], None] | None = None) -> nn.Module:
     """Train `model` in place with DP-SGD; returns the underlying (unwrapped) module.
@@ -182,6 +183,8 @@ def train_dp(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
     physical_batch_size splits each Poisson (logical) batch into chunks whose clipped
     gradients are summed before the single noisy step (opacus' virtual steps), so large
     logical batches fit in memory; the mechanism is unchanged.
+    private_optimizer: "dpsgd" (opacus' DPOptimizer) or "efsgd" (error feedback; see
+    `training.efsgd`), both accounted by the caller's event with `noise_multiplier`.
     resume: a state from `training.checkpoint.capture_state`; training continues after its
     step with its weights, optimizer, EMA and RNG. on_step(step, snapshot) is called at
     every logical step boundary; snapshot() captures that state (for checkpoints).
@@ -202,6 +205,7 @@ def train_dp(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
     optimizers = {"adam": torch.optim.Adam, "sgd": torch.optim.SGD}
     if optimizer not in optimizers:
         raise BadInput(f"optimizer {optimizer!r} is unknown; choose one of {', '.join(optimizers)}")
+    check_private_optimizer(private_optimizer, grad_sample_mode, feedback_clip)
     check_dp_compatible(model)
     check_secure_available(secure)
     # No seeded generator on purpose: which images a Poisson batch holds must stay secret,
@@ -227,9 +231,9 @@ def train_dp(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
     else:
         per_example = PerExampleGradients(model, per_sample_loss, grad_sample_mode, k)
         dp_model = per_example.module
-        dp_optimizer = DPOptimizer(base_optimizer, noise_multiplier=noise_multiplier, max_grad_norm=clip,
-                                   expected_batch_size=plan.dataset_size * plan.sample_rate,
-                                   loss_reduction="mean", secure_mode=secure)
+        dp_optimizer = make_private_optimizer(private_optimizer, base_optimizer, noise_multiplier=noise_multiplier,
+                                              clip=clip, expected_batch_size=plan.dataset_size * plan.sample_rate,
+                                              secure=secure, feedback_clip=feedback_clip)
     trainable = [p for p in model.parameters() if p.requires_grad]
 
     def accumulate(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
