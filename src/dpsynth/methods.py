@@ -229,3 +229,4 @@ def _scalar_or_list(raw: str) -> Any:
         except ValueError:
             pass
     return raw
+from .gan import methods as _gan  # noqa: E402,F401  registers dp-gan, gs-wgan, efsgd-gan

@@ -1,0 +1,165 @@
+"""Method classes of the GAN family (registered in `dpsynth.methods`).
+
+All three own their mechanism (`own_mechanism = True`): `plan_private` calibrates the
+ledger event before anything is written, `train_private` runs exactly it. Only the
+generator leaves `train_private`; discriminators die in memory.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..errors import BadInput
+from ..methods import Method, PrivatePlan, register_method
+from ..privacy.accountant import calibrate_noise_multiplier
+from ..privacy.events import PoissonGaussianEvent
+from .dp_gan import DPGANSchedule, train_dp_gan
+from .gs_wgan import applied_noise_multiplier, train_gs_wgan
+from .models import ConditionalGenerator, GANConfig
+
+STAGE = "finetune"
+
+
+def _positive(name: str, value: Any, integer: bool = False, zero_ok: bool = False) -> None:
+    ok = isinstance(value, int) if integer else isinstance(value, (int, float))
+    if not ok or isinstance(value, bool) or (value < 0 if zero_ok else value <= 0):
+        kind = "an integer" if integer else "a number"
+        raise BadInput(f"--train-opts {name}={value!r} must be {kind} {'>= 0' if zero_ok else '> 0'}")
+
+
+class GANMethod(Method):
+    config_class, model_class = GANConfig, ConditionalGenerator
+    own_mechanism = True
+    pretrain_defaults = {"epochs": 1, "batch_size": 64, "lr": 2e-4}
+
+    def per_sample_loss(self, *_args):  # never DP-SGD on a generator loss
+        raise NotImplementedError(f"{self.name} trains with its own mechanism")
+
+
+class DPGAN(GANMethod):
+    """DP-SGD on the discriminator. Defaults follow DPImageBench's DPGAN configs
+    (configs/DPGAN/fmnist_28_eps{1.0,10.0}.yaml: d_lr 5e-4, g_lr 2e-4, Adam beta1 0,
+    5 discriminator updates per generator update, EMA 0.999) except the clip (1.0 here:
+    our fake term is clipped to the same norm, so the scale only matters relative to the
+    noise) and a CPU-sized batch/epochs; recipes set the published 4096 x 150 epochs."""
+
+    name = "dp-gan"
+    description = "DP-GAN: DP-SGD on a conditional discriminator, generator trained through it"
+    finetune_defaults = {"epochs": 1, "batch_size": 256, "clip": 1.0, "lr": 5e-4, "grad_sample_mode": "vmap",
+                         "ema": 0.999, "optimizer": "dpsgd", "feedback_clip": None,
+                         "train_opts": {"n_critic": 5, "g_lr": 2e-4, "beta1": 0.0, "recon_weight": 0.0}}
+
+    def _schedule(self, dataset_size: int, opts: dict) -> DPGANSchedule:
+        t = opts["train_opts"]
+        _positive("n_critic", t["n_critic"], integer=True)
+        _positive("g_lr", t["g_lr"])
+        _positive("recon_weight", t["recon_weight"], zero_ok=True)
+        if not (isinstance(t["beta1"], (int, float)) and 0 <= t["beta1"] < 1):
+            raise BadInput(f"--train-opts beta1={t['beta1']!r} must be in [0, 1)")
+        if opts["grad_sample_mode"] == "ghost":
+            raise BadInput(f"{self.name} needs each real example's gradient; use --grad-sample-mode vmap, hooks "
+                           f"or functorch (ghost clipping has no per-sample gradients to add the fake term to)")
+        return DPGANSchedule(dataset_size=dataset_size, batch_size=opts["batch_size"], epochs=opts["epochs"],
+                             n_critic=t["n_critic"])
+
+    def plan_private(self, *, dataset_size, opts, spent, eps, delta) -> PrivatePlan:
+        schedule = self._schedule(dataset_size, opts)
+        sigma = calibrate_noise_multiplier(spent, eps, delta, sample_rate=schedule.sample_rate,
+                                           steps=schedule.discriminator_steps, stage=STAGE)
+        event = PoissonGaussianEvent(
+            stage=STAGE, noise_multiplier=sigma, sample_rate=schedule.sample_rate,
+            steps=schedule.discriminator_steps,
+            note=f"{self.name}: DP-SGD discriminator steps (per-sample clip {opts['clip']:g}, "
+                 f"optimizer {opts['optimizer']}); generator steps read no sensitive data")
+        return PrivatePlan(events=(event,), settings={
+            "noise_multiplier": sigma, "sample_rate": schedule.sample_rate,
+            "discriminator_steps": schedule.discriminator_steps, "generator_steps": schedule.generator_steps})
+
+    def train_private(self, generator, images, labels, *, opts, plan, device, progress):
+        schedule = self._schedule(len(images), opts)
+        if schedule.discriminator_steps != plan.settings["discriminator_steps"]:
+            raise RuntimeError("DP-GAN schedule differs from the planned event")
+        t = opts["train_opts"]
+        trained, _counts = train_dp_gan(
+            generator, images, labels, schedule=schedule, noise_multiplier=plan.settings["noise_multiplier"],
+            clip=opts["clip"], lr=opts["lr"], g_lr=t["g_lr"], beta1=t["beta1"], recon_weight=t["recon_weight"],
+            grad_sample_mode=opts["grad_sample_mode"], private_optimizer=opts["optimizer"],
+            feedback_clip=opts["feedback_clip"], ema=opts["ema"], device=device,
+            progress=lambda d, total: progress(f"finetune ({self.name}, DP discriminator)", d, total))
+        return trained
+
+
+class EFSGDGAN(DPGAN):
+    """EFSGD (Ma & Zhang, arXiv 2601.15061): DP-GAN with error-feedback DP-SGD on the
+    discriminator, an L2 reconstruction loss and noise injection in the generator's
+    upsampling path. Only the abstract is available here; our reading (docs/DECISIONS.md):
+    the reconstruction loss is an auxiliary decoder head of the discriminator trained on
+    real images INSIDE the clipped per-sample loss (every term touching real data is
+    private), weight 1; noise injection is StyleGAN's per-pixel noise with a learned
+    per-channel scale after each upsampling block (generator arch noise_injection=true,
+    set by default through `arch_defaults`)."""
+
+    name = "efsgd-gan"
+    description = "EFSGD-GAN: DP-GAN + error-feedback DP-SGD, reconstruction loss, noise injection"
+    finetune_defaults = {**DPGAN.finetune_defaults, "optimizer": "efsgd",
+                         "train_opts": {**DPGAN.finetune_defaults["train_opts"], "recon_weight": 1.0}}
+    arch_defaults = {"noise_injection": True, "reconstruction": True}
+
+    def __init__(self, arch: dict | None = None):
+        super().__init__({**self.arch_defaults, **(arch or {})})
+
+
+class GSWGAN(GANMethod):
+    """Defaults follow GS-WGAN's paper/code (source/config.py) and DPImageBench's
+    configs/GS-WGAN/fmnist_28_eps*.yaml: 1000 discriminators, batch 32, 20000 generator
+    iterations, 5 critic iterations, 2000 warm-up iterations, GP weight 10, epsilon
+    penalty 1e-3, Adam 1e-4 (0.5, 0.9), clip C = 1; EMA 0.999 of the generator."""
+
+    name = "gs-wgan"
+    description = "GS-WGAN: sharded discriminators, per-sample clipped and noised gradients into the generator"
+    finetune_defaults = {"batch_size": 32, "clip": 1.0, "lr": 1e-4, "ema": 0.999,
+                         "train_opts": {"discriminators": 1000, "iterations": 20000, "critic_iters": 5,
+                                        "warmup_iters": 2000, "gp_weight": 10.0, "eps_weight": 1e-3,
+                                        "beta1": 0.5, "beta2": 0.9}}
+
+    def _check(self, dataset_size: int, opts: dict) -> dict:
+        t = opts["train_opts"]
+        for key in ("discriminators", "iterations", "critic_iters"):
+            _positive(key, t[key], integer=True)
+        _positive("warmup_iters", t["warmup_iters"], integer=True, zero_ok=True)
+        for key in ("gp_weight", "eps_weight"):
+            _positive(key, t[key], zero_ok=True)
+        for key in ("beta1", "beta2"):
+            if not (isinstance(t[key], (int, float)) and 0 <= t[key] < 1):
+                raise BadInput(f"--train-opts {key}={t[key]!r} must be in [0, 1)")
+        if t["discriminators"] > dataset_size:
+            raise BadInput(f"--train-opts discriminators={t['discriminators']} exceeds the dataset size {dataset_size}")
+        return t
+
+    def plan_private(self, *, dataset_size, opts, spent, eps, delta) -> PrivatePlan:
+        t = self._check(dataset_size, opts)
+        q = 1.0 / t["discriminators"]
+        sigma_eff = calibrate_noise_multiplier(spent, eps, delta, sample_rate=q, steps=t["iterations"], stage=STAGE)
+        applied = applied_noise_multiplier(sigma_eff, opts["batch_size"])
+        event = PoissonGaussianEvent(
+            stage=STAGE, noise_multiplier=sigma_eff, sample_rate=q, steps=t["iterations"],
+            note=f"gs-wgan: B={opts['batch_size']} per-fake-sample gradients clipped to C={opts['clip']:g}, "
+                 f"noise std {applied:.4g}*C per coordinate; L2 sensitivity 2C*sqrt(B); "
+                 f"shard chosen with q=1/{t['discriminators']}")
+        return PrivatePlan(events=(event,), settings={
+            "noise_multiplier": sigma_eff, "noise_multiplier_applied": applied, "noise_std": applied * opts["clip"],
+            "sample_rate": q, "generator_steps": t["iterations"], "l2_sensitivity_per_clip": 2.0 * opts["batch_size"] ** 0.5})
+
+    def train_private(self, generator, images, labels, *, opts, plan, device, progress):
+        t = self._check(len(images), opts)
+        trained, _counts = train_gs_wgan(
+            generator, images, labels, discriminators=t["discriminators"], iterations=plan.settings["generator_steps"],
+            batch_size=opts["batch_size"], clip=opts["clip"],
+            noise_multiplier_applied=plan.settings["noise_multiplier_applied"], lr=opts["lr"],
+            betas=(t["beta1"], t["beta2"]), critic_iters=t["critic_iters"], warmup_iters=t["warmup_iters"],
+            gp_weight=t["gp_weight"], eps_weight=t["eps_weight"], ema=opts["ema"], device=device, progress=progress)
+        return trained
+
+
+for _cls in (DPGAN, GSWGAN, EFSGDGAN):
+    register_method(_cls)
