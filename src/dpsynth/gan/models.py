@@ -41,6 +41,12 @@ def _norm(channels: int) -> nn.GroupNorm:
     return nn.GroupNorm(min(8, channels), channels)
 
 
+def upsample2(x: torch.Tensor) -> torch.Tensor:
+    """Nearest-neighbour x2 upsampling (same values as F.interpolate; about 2x faster on CPU)."""
+    n, c, h, w = x.shape
+    return x[:, :, :, None, :, None].expand(n, c, h, 2, w, 2).reshape(n, c, 2 * h, 2 * w)
+
+
 def to_unit(x: torch.Tensor) -> torch.Tensor:
     """uint8 [0, 255] (or float already in [-1, 1]) -> float in [-1, 1]."""
     return x.float() / 127.5 - 1.0 if x.dtype == torch.uint8 else x
@@ -70,7 +76,7 @@ class UpBlock(nn.Module):
         self.noise = NoiseInjection(cout) if noise else None
 
     def forward(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        x = self.conv(F.interpolate(x, scale_factor=2, mode="nearest"))
+        x = self.conv(upsample2(x))
         if self.noise is not None:
             x = self.noise(x, generator)
         return F.relu(self.norm(x))
@@ -150,5 +156,5 @@ class ConditionalDiscriminator(nn.Module):
     def reconstruct(self, h: torch.Tensor) -> torch.Tensor:
         w = self.cfg.disc_width
         d = F.leaky_relu(self.dec_fc(h), 0.2).view(len(h), 2 * w, self.r, self.r)
-        d = F.leaky_relu(self.dec_up1(F.interpolate(d, scale_factor=2, mode="nearest")), 0.2)
-        return torch.tanh(self.dec_out(F.interpolate(d, scale_factor=2, mode="nearest")))
+        d = F.leaky_relu(self.dec_up1(upsample2(d)), 0.2)
+        return torch.tanh(self.dec_out(upsample2(d)))
