@@ -153,6 +153,7 @@ def train_dp_gan(generator: ConditionalGenerator, images: torch.Tensor, labels: 
     if len(loader) != per_epoch:
         raise RuntimeError("DP data loader length differs from the accounted plan")
     check_poisson_sampler(loader, schedule.sample_rate)
+    released: list[int] = []  # one entry per noisy release (set by the step hook)
     fake_batch = max(1, round(expected_batch))  # public: the expected, not the actual, batch size
     num_classes = cfg.num_classes
     d_steps = g_steps = 0
@@ -175,11 +176,14 @@ def train_dp_gan(generator: ConditionalGenerator, images: torch.Tensor, labels: 
                 for p in d_params:
                     p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
             dp_optimizer.signal_skip_step(do_skip=False)
-            if not dp_optimizer.pre_step():  # clip, sum, noise, / expected batch: p.grad is the release
+            released.clear()
+            # clip, sum, noise, / expected batch (p.grad is then the release), the hook adds the
+            # fake term, the base optimizer steps (EFSGD then commits its error state)
+            dp_optimizer.step_hook = lambda opt, fake=fake_sum: add_fake_term(opt, d_params, fake, expected_batch,
+                                                                              released)
+            dp_optimizer.step()
+            if not released or dp_optimizer._is_last_step_skipped:
                 raise RuntimeError("DP optimizer skipped a discriminator step that the ledger counts")
-            for p, f in zip(d_params, fake_sum):
-                p.grad = p.grad + f / expected_batch  # post-processing of the release
-            dp_optimizer.original_optimizer.step()
             d_steps += 1
             if d_steps % schedule.n_critic == 0:
                 generator_step(generator, disc, g_optimizer, g_params, fake_batch, num_classes, device)
@@ -194,6 +198,14 @@ def train_dp_gan(generator: ConditionalGenerator, images: torch.Tensor, labels: 
     if tracker is not None:
         generator.load_state_dict(tracker.state_dict())
     return generator, {"discriminator_steps": d_steps, "generator_steps": g_steps}
+
+
+def add_fake_term(optimizer, params, fake_sum, expected_batch: float, released: list) -> None:
+    """opacus step hook, run right after the noise is added and scaled: p.grad holds the noisy
+    private gradient; adding the (data-independent) fake term is post-processing."""
+    for p, f in zip(params, fake_sum):
+        p.grad = p.grad + f / expected_batch
+    released.append(1)
 
 
 def generator_step(generator, disc, g_optimizer, g_params, batch: int, num_classes: int, device) -> None:

@@ -13,6 +13,7 @@ from ..errors import BadInput
 from ..methods import Method, PrivatePlan, register_method
 from ..privacy.accountant import calibrate_noise_multiplier
 from ..privacy.events import PoissonGaussianEvent
+from ..training.efsgd import applied_noise_std, calibrate_efsgd_noise_multiplier, default_feedback_clip, efsgd_events
 from .dp_gan import DPGANSchedule, train_dp_gan
 from .gs_wgan import applied_noise_multiplier, train_gs_wgan
 from .models import ConditionalGenerator, GANConfig
@@ -64,16 +65,23 @@ class DPGAN(GANMethod):
 
     def plan_private(self, *, dataset_size, opts, spent, eps, delta) -> PrivatePlan:
         schedule = self._schedule(dataset_size, opts)
-        sigma = calibrate_noise_multiplier(spent, eps, delta, sample_rate=schedule.sample_rate,
-                                           steps=schedule.discriminator_steps, stage=STAGE)
-        event = PoissonGaussianEvent(
-            stage=STAGE, noise_multiplier=sigma, sample_rate=schedule.sample_rate,
-            steps=schedule.discriminator_steps,
-            note=f"{self.name}: DP-SGD discriminator steps (per-sample clip {opts['clip']:g}, "
-                 f"optimizer {opts['optimizer']}); generator steps read no sensitive data")
-        return PrivatePlan(events=(event,), settings={
-            "noise_multiplier": sigma, "sample_rate": schedule.sample_rate,
-            "discriminator_steps": schedule.discriminator_steps, "generator_steps": schedule.generator_steps})
+        q, steps, clip = schedule.sample_rate, schedule.discriminator_steps, opts["clip"]
+        settings = {"sample_rate": q, "discriminator_steps": steps, "generator_steps": schedule.generator_steps}
+        if opts["optimizer"] == "efsgd":  # two events: see training/efsgd.py (feedback is not subsampled)
+            feedback_clip = opts["feedback_clip"] or default_feedback_clip(clip, q)
+            sigma = calibrate_efsgd_noise_multiplier(spent, eps, delta, sample_rate=q, steps=steps, clip=clip,
+                                                     feedback_clip=feedback_clip, stage=STAGE)
+            events = tuple(efsgd_events(STAGE, noise_multiplier=sigma, sample_rate=q, steps=steps, clip=clip,
+                                        feedback_clip=feedback_clip))
+            settings.update(feedback_clip=feedback_clip, noise_std=applied_noise_std(sigma, clip))
+        else:
+            sigma = calibrate_noise_multiplier(spent, eps, delta, sample_rate=q, steps=steps, stage=STAGE)
+            events = (PoissonGaussianEvent(
+                stage=STAGE, noise_multiplier=sigma, sample_rate=q, steps=steps,
+                note=f"{self.name}: DP-SGD discriminator steps (per-sample clip {clip:g}); "
+                     f"generator steps read no sensitive data"),)
+            settings.update(noise_std=sigma * clip)
+        return PrivatePlan(events=events, settings={"noise_multiplier": sigma, **settings})
 
     def train_private(self, generator, images, labels, *, opts, plan, device, progress):
         schedule = self._schedule(len(images), opts)
@@ -84,7 +92,7 @@ class DPGAN(GANMethod):
             generator, images, labels, schedule=schedule, noise_multiplier=plan.settings["noise_multiplier"],
             clip=opts["clip"], lr=opts["lr"], g_lr=t["g_lr"], beta1=t["beta1"], recon_weight=t["recon_weight"],
             grad_sample_mode=opts["grad_sample_mode"], private_optimizer=opts["optimizer"],
-            feedback_clip=opts["feedback_clip"], ema=opts["ema"], device=device,
+            feedback_clip=plan.settings.get("feedback_clip"), ema=opts["ema"], device=device,
             progress=lambda d, total: progress(f"finetune ({self.name}, DP discriminator)", d, total))
         return trained
 
