@@ -235,3 +235,13 @@ def test_noise_injection_layers_exist_and_sampling_is_reproducible_from_the_seed
     b = generator.sample(labels, torch.Generator().manual_seed(3))
     assert a.dtype == torch.uint8 and a.shape == (3, 1, 8, 8) and torch.equal(a, b)
     assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in generator.modules())
+
+
+def test_dp_gan_refuses_per_sample_modes_that_would_see_the_fake_rows():
+    from dpsynth.errors import BadInput
+
+    method = get_method("dp-gan")
+    for mode in ("hooks", "ghost"):
+        with pytest.raises(BadInput, match="vmap"):
+            method.plan_private(dataset_size=100, opts={**method.finetune_defaults, "grad_sample_mode": mode},
+                                spent=[], eps=1.0, delta=1e-5)

@@ -124,9 +124,8 @@ def train_dp_gan(generator: ConditionalGenerator, images: torch.Tensor, labels: 
                  progress=None) -> tuple[ConditionalGenerator, dict]:
     """Run exactly `schedule.discriminator_steps` noisy discriminator steps; returns the
     generator (EMA weights when `ema`) and counters {"discriminator_steps", "generator_steps"}."""
-    if grad_sample_mode not in ("vmap", "hooks", "functorch"):
-        raise BadInput(f"--grad-sample-mode {grad_sample_mode!r}: the GAN methods need each example's gradient "
-                       f"(vmap, hooks or functorch)")
+    if grad_sample_mode != "vmap":  # opacus' hooks on the discriminator would also fire on the fake rows
+        raise BadInput(f"--grad-sample-mode {grad_sample_mode!r}: DP-GAN computes per-example gradients with vmap")
     if len(images) != schedule.dataset_size:
         raise BadInput(f"plan was made for {schedule.dataset_size} images, got {len(images)}")
     device = device or torch.device("cpu")

@@ -57,9 +57,11 @@ class DPGAN(GANMethod):
         _positive("recon_weight", t["recon_weight"], zero_ok=True)
         if not (isinstance(t["beta1"], (int, float)) and 0 <= t["beta1"] < 1):
             raise BadInput(f"--train-opts beta1={t['beta1']!r} must be in [0, 1)")
-        if opts["grad_sample_mode"] == "ghost":
-            raise BadInput(f"{self.name} needs each real example's gradient; use --grad-sample-mode vmap, hooks "
-                           f"or functorch (ghost clipping has no per-sample gradients to add the fake term to)")
+        if opts["grad_sample_mode"] != "vmap":
+            # vmap computes each example on its own, so the private model never sees a fake row;
+            # opacus' hooks would also capture the fake term's forward (see dp_gan.py)
+            raise BadInput(f"--grad-sample-mode {opts['grad_sample_mode']!r}: {self.name} computes per-example "
+                           f"gradients with vmap only; drop --grad-sample-mode or pass vmap")
         return DPGANSchedule(dataset_size=dataset_size, batch_size=opts["batch_size"], epochs=opts["epochs"],
                              n_critic=t["n_critic"])
 
