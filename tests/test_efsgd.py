@@ -312,6 +312,7 @@ def test_feedback_is_not_covered_by_a_subsampled_event_but_is_by_ours():
     # Our ledger for sigma = 20: both events, composed by prv-accountant directly.
     ours = efsgd_events("finetune", noise_multiplier=20.0, sample_rate=q, steps=steps, clip=c1, feedback_clip=c2)
     acc = PRVAccountant(prvs=[GaussianMechanism(ours[0].noise_multiplier),
-                              PoissonSubsampledGaussianMechanism(q, 20.0)], max_self_compositions=[steps, steps], eps_error=0.01, delta_error=delta / 1000)
+                              PoissonSubsampledGaussianMechanism(q, 20.0)],
+                        max_self_compositions=[steps, steps], eps_error=0.01, delta_error=delta / 1000)
     eps_ours = acc.compute_epsilon(delta, [steps, steps])[2]
     assert violation(math.sqrt(2.0) * 20.0 * c1, eps_ours) <= 0.0
