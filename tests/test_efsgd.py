@@ -316,3 +316,31 @@ def test_feedback_is_not_covered_by_a_subsampled_event_but_is_by_ours():
                         max_self_compositions=[steps, steps], eps_error=0.01, delta_error=delta / 1000)
     eps_ours = acc.compute_epsilon(delta, [steps, steps])[2]
     assert violation(math.sqrt(2.0) * 20.0 * c1, eps_ours) <= 0.0
+
+
+def test_finetune_efsgd_killed_after_a_checkpoint_resumes_under_its_two_events(tmp_path, capsys):
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from dpsynth.rundir import LOCK, RunDir
+
+    run = tmp_path / "run"
+    args = ["finetune", "--sensitive", "digits", "--limit", "200", "--method", "dp-cvae", "--eps", "4",
+            "--epochs", "2", "--batch-size", "100", "--optimizer", "efsgd", "--checkpoint-every", "1", "--quiet",
+            "--json", "--run", str(run)]
+    # fsyncs: manifest (stage begins), its two events, then checkpoint 1 (file, hash, pointer), and
+    # the 7th is inside checkpoint 2: killed there, step 1's checkpoint is the durable one.
+    fault = Path(__file__).with_name("fault_inject.py")
+    result = subprocess.run([sys.executable, str(fault), "7", *args], capture_output=True, text=True, timeout=600)
+    assert result.returncode == -signal.SIGKILL, result.stderr[-2000:]
+    before = RunDir.open(run)
+    events = before.events()
+    assert [e.mechanism for e in events] == ["gaussian", "poisson_gaussian"]
+    assert before.manifest["stages"]["finetune"]["checkpoint"]["step"] == 1
+    (run / LOCK).unlink()
+    assert main([*args, "--resume"]) == 0, capsys.readouterr().err
+    done = RunDir.open(run)
+    assert done.stage_done("finetune") and done.events() == events  # no new event for the same steps
+    assert done.manifest["stages"]["finetune"]["resumed"][-1]["from_step"] == 1
