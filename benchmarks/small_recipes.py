@@ -7,8 +7,8 @@ Each row runs `make -f recipes/pipeline.mk RECIPE=recipes/<method>/fashionmnist-
 (all five stages) in its own process and reports: the epsilon the run's ledger spent (PRV
 upper bound), accuracy under DP-safe selection (the recipe's classifier), FID on the named
 domain network (NOT Inception: not comparable to the papers' FID), wall time and the peak
-resident memory of the pipeline's processes. A run whose stamps exist is reused (its time is
-then reported as it was recorded in its manifest); --fresh deletes it first.
+resident memory of the pipeline's processes. A run that pipeline.mk already completed (its stamps exist) is
+reused, its time taken from its manifest's stage times; --fresh deletes it first.
 
 Published: DPImageBench (Gong et al. 2025), Fashion-MNIST, accuracy at eps 1 / 10, Inception FID
 and full-size models; EFSGD (arXiv 2601.15061), Fashion-MNIST FID 83.48. Our small recipes use
@@ -44,9 +44,9 @@ def recipe_path(method: str, eps: float) -> Path:
 
 
 def run_dir(recipe: Path) -> Path:
+    """The run directory recipes/pipeline.mk itself would use, so runs made with `make` are reused."""
     digest = hashlib.sha256(recipe.read_bytes()).hexdigest()[:8]
-    name = f"{recipe.parent.name}-{recipe.stem}"
-    return ROOT / "runs" / f"bench-{name}-{digest}"
+    return ROOT / "runs" / f"{recipe.parent.name}-{recipe.stem}-{digest}"
 
 
 def run_recipe(recipe: Path, run: Path, dpsynth: str) -> tuple[float, float, int]:
@@ -76,8 +76,10 @@ def row(method: str, eps: float, run: Path, seconds: float | None, peak: float |
         manifest = yaml.safe_load(manifest_file.read_text())
         out["eps_spent"] = manifest["privacy"]["epsilon"]
         out["events"] = "; ".join(f"{e['stage']}:{e['mechanism']}" for e in manifest["privacy"]["events"])
-        if seconds is None:  # reused run: the stages' own recorded times
+        if seconds is None:  # reused run: the stages' own recorded times and peak memory
             seconds = _recorded_seconds(manifest)
+            peaks = [e["peak_rss_mb"] for e in manifest["stages"].values() if e.get("peak_rss_mb")]
+            peak = max(peaks) if peaks else None
     results = run / "results.csv"
     if results.is_file():
         table = pd.read_csv(results)
