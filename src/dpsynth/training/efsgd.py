@@ -175,8 +175,8 @@ class EFSGDOptimizer(DPOptimizer):
 
     def _feedback(self, errors: list[torch.Tensor]) -> list[torch.Tensor]:
         """clip(e, C2) with the norm taken over all parameters together."""
-        norm = torch.sqrt(sum((e.double() ** 2).sum() for e in errors)) if errors else torch.tensor(0.0)
-        scale = min(1.0, self.feedback_clip / float(norm)) if float(norm) > 0 else 1.0
+        norm = float(torch.stack([e.norm(2) for e in errors]).norm(2)) if errors else 0.0
+        scale = min(1.0, self.feedback_clip / norm) if norm > 0 else 1.0
         return [e * scale for e in errors]
 
     def add_noise(self):
