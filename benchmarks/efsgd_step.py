@@ -4,7 +4,9 @@ Same model (the pipeline's conditional VAE), same real Fashion-MNIST images, sam
 batches' expected size, same per-example gradients (each mode below); the only difference
 is the private optimizer: opacus' DPOptimizer ("dpsgd") or EFSGDOptimizer ("efsgd": an
 extra unclipped per-example sum, the clipped error feedback and the error state update).
-Prints a table and EFSGD's ratio to DP-SGD for each grad-sample mode.
+Prints a table and EFSGD's ratio to DP-SGD for each grad-sample mode, then the optimizer step
+alone (given per-example gradients already in `p.grad_sample`), where the two differ. Timings
+alternate dpsgd/efsgd within each repeat so that load changes on a shared machine hit both.
 
     python benchmarks/efsgd_step.py [--batch 256] [--steps 4] [--repeats 3] [--modes vmap hooks]
 """
@@ -24,14 +26,38 @@ from dpsynth.methods import get_method
 from dpsynth.training.dpsgd import DPSGDPlan, train_dp
 
 
-def timed(fn, repeats: int) -> float:
-    fn()  # warm-up: allocator, vmap tracing
-    samples = []
+def timed_pair(fns: dict, repeats: int) -> dict:
+    """Median seconds of each callable, alternating them within every repeat."""
+    for fn in fns.values():
+        fn()  # warm-up: allocator, vmap tracing
+    samples = {name: [] for name in fns}
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - start)
-    return statistics.median(samples)
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            samples[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in samples.items()}
+
+
+def optimizer_only(build, batch: int, repeats: int) -> dict:
+    """One private optimizer step on the CVAE's parameters with random per-example gradients."""
+    from dpsynth.training.private_optimizer import make_private_optimizer
+
+    steps = {}
+    for kind in ("dpsgd", "efsgd"):
+        model = build()
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = make_private_optimizer(kind, torch.optim.Adam(params, lr=1e-3), noise_multiplier=1.0, clip=1.0,
+                                     expected_batch_size=batch, feedback_clip=0.01 if kind == "efsgd" else None)
+        grads = [torch.randn(batch, *p.shape) for p in params]
+
+        def step(opt=opt, params=params, grads=grads):
+            opt.zero_grad(set_to_none=True)
+            for p, g in zip(params, grads):
+                p.grad_sample = g.view_as(g)  # a fresh tensor object: opacus marks used ones
+            opt.step()
+        steps[kind] = step
+    return timed_pair(steps, repeats)
 
 
 def main() -> None:
@@ -57,14 +83,18 @@ def main() -> None:
 
     rows = []
     for mode in args.modes:
-        seconds = {kind: timed(run(mode, kind), args.repeats) / plan.steps for kind in ("dpsgd", "efsgd")}
-        for kind, value in seconds.items():
-            rows.append({"grad_sample_mode": mode, "optimizer": kind, "seconds_per_step": value,
-                         "images_per_second": args.batch / value,
-                         "ratio_to_dpsgd": value / seconds["dpsgd"]})
+        seconds = timed_pair({kind: run(mode, kind) for kind in ("dpsgd", "efsgd")}, args.repeats)
+        for kind in ("dpsgd", "efsgd"):
+            rows.append({"what": f"train step ({mode})", "optimizer": kind,
+                         "seconds_per_step": seconds[kind] / plan.steps,
+                         "ratio_to_dpsgd": seconds[kind] / seconds["dpsgd"]})
+    seconds = optimizer_only(build, args.batch, max(args.repeats, 5))
+    for kind in ("dpsgd", "efsgd"):
+        rows.append({"what": "optimizer step only", "optimizer": kind, "seconds_per_step": seconds[kind],
+                     "ratio_to_dpsgd": seconds[kind] / seconds["dpsgd"]})
     table = pd.DataFrame(rows)
     print(f"conditional VAE, {params:,} parameters, expected Poisson batch {args.batch}, 28x28x1, "
-          f"{plan.steps} steps per call, median of {args.repeats}, torch {torch.__version__}, "
+          f"{plan.steps} steps per train call, medians, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads")
     try:
         print(table.to_markdown(index=False, floatfmt=".3f"))
