@@ -1,7 +1,7 @@
 """A small class-conditional generator for the mean-embedding methods.
 
 Trained only on released (noisy) embeddings, so it never needs per-sample gradients; it still
-uses only Linear, Conv2d and GroupNorm (no BatchNorm: its batch statistics would make one
+uses only Linear, Conv2d and GroupNorm as layers with parameters (no BatchNorm: its batch statistics would make one
 generated image depend on the others, which the per-class averages do not expect). The label
 enters as a one-hot vector concatenated to the latent code. Pixels come out through a sigmoid,
 in [0, 1] like the sensitive images the features saw. Resolution: a multiple of 4.
@@ -23,7 +23,7 @@ class EmbeddingGeneratorConfig:
     num_classes: int = 10
     latent_dim: int = 32
     hidden: int = 256     # fully connected width
-    width: int = 32       # channels after the first upsampling; the smallest map has 2x
+    width: int = 16       # channels after the first upsampling; the smallest map has 2x
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -44,12 +44,13 @@ class EmbeddingGenerator(nn.Module):
             nn.Linear(cfg.latent_dim + cfg.num_classes, cfg.hidden), nn.SiLU(),
             nn.Linear(cfg.hidden, 2 * w * self.r * self.r), nn.SiLU(),
         )
+        # Convolutions run at half resolution; the last one emits 4 sub-pixels per channel that
+        # PixelShuffle places (full-resolution convolutions cost ~5x more on a CPU).
         self.up = nn.Sequential(
             nn.Upsample(scale_factor=2, mode="nearest"),
             nn.Conv2d(2 * w, w, 3, padding=1), _group_norm(w), nn.SiLU(),
-            nn.Upsample(scale_factor=2, mode="nearest"),
             nn.Conv2d(w, w, 3, padding=1), _group_norm(w), nn.SiLU(),
-            nn.Conv2d(w, cfg.channels, 3, padding=1),
+            nn.Conv2d(w, 4 * cfg.channels, 3, padding=1), nn.PixelShuffle(2),
         )
 
     def forward(self, z: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -51,6 +51,12 @@ def _positive_float(name: str, value: Any) -> float:
     return float(value)
 
 
+def _even_features(value: Any) -> int:
+    if _positive_int("features", value) % 2:
+        raise BadInput(f"--train-opts features={value!r} must be even (cos and sin pairs)")
+    return value
+
+
 def _bandwidths(value: Any) -> list[float]:
     values = value if isinstance(value, (list, tuple)) else [value]
     return [_positive_float("bandwidths", v) for v in values]
@@ -96,7 +102,7 @@ class MeanEmbeddingMethod(Method):
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        return float(loss)
+        return float(loss.detach())
 
 
 class SingleReleaseMethod(MeanEmbeddingMethod):
@@ -151,7 +157,7 @@ class DPMERF(SingleReleaseMethod):
 
     def check_opts(self, opts):
         t = super().check_opts(opts)
-        _positive_int("features", t["features"])
+        _even_features(t["features"])
         _bandwidths(t["bandwidth"])
         return t
 
@@ -189,7 +195,7 @@ class DPKernel(MeanEmbeddingMethod):
 
     def check_opts(self, opts):
         t = super().check_opts(opts)
-        _positive_int("features", t["features"])
+        _even_features(t["features"])
         _bandwidths(t["bandwidths"])
         if t["generator_batch"] is not None:
             _positive_int("generator_batch", t["generator_batch"])
