@@ -19,6 +19,7 @@ from dpsynth.mean_embedding.features import NTKFeatures, RandomFourierFeatures
 from dpsynth.mean_embedding.generator import EmbeddingGenerator, EmbeddingGeneratorConfig
 from dpsynth.mean_embedding.release import exact_sum, noisy_sum, weights
 from dpsynth.methods import PrivatePlan, get_method
+from dpsynth.privacy.accountant import compose_epsilon, default_delta
 from dpsynth.privacy.events import GaussianEvent, PoissonGaussianEvent
 from dpsynth.stages.finetune import resolve_options
 
@@ -117,24 +118,30 @@ def _prv_upper(prvs, steps, delta):
     return acc.compute_epsilon(delta, steps)
 
 
-@pytest.mark.parametrize("method,eps", [("dp-merf", 1.0), ("dp-ntk", 10.0), ("dp-kernel", 2.0)])
-def test_planned_events_match_a_direct_prv_computation(method, eps):
+# dp-kernel's case is the CLI test's finetune (N = 300, q = 1/3, T = 3, eps 3): one calibration
+# (cached within the process) serves both, which keeps this file fast.
+PLAN_CASES = [("dp-merf", 60000, {}, 1.0, 1e-5, True), ("dp-ntk", 60000, {}, 10.0, 1e-5, True),
+              ("dp-kernel", 300, {"epochs": 1, "batch_size": 100}, 3.0, default_delta(300), False)]
+
+
+@pytest.mark.parametrize("method,n,given,eps,delta,with_spent", PLAN_CASES, ids=[c[0] for c in PLAN_CASES])
+def test_planned_events_match_a_direct_prv_computation(method, n, given, eps, delta, with_spent):
     m = get_method(method)
-    opts = resolve_options(m, {"epochs": 2, "batch_size": 600} if method == "dp-kernel" else {})
-    delta = 1e-5
-    spent = [GaussianEvent(stage="pretrain", noise_multiplier=20.0)]
-    plan = m.plan_private(dataset_size=60000, opts=opts, spent=spent, eps=eps, delta=delta)
+    spent = [GaussianEvent(stage="pretrain", noise_multiplier=20.0)] if with_spent else []
+    plan = m.plan_private(dataset_size=n, opts=resolve_options(m, given), spent=spent, eps=eps, delta=delta)
     (event,) = plan.events
     sigma = event.noise_multiplier
+    prvs, steps = ([GaussianMechanism(20.0)], [1]) if with_spent else ([], [])
     if method == "dp-kernel":
         assert isinstance(event, PoissonGaussianEvent)
-        assert event.sample_rate == pytest.approx(0.01) and event.steps == 200
-        prvs, steps = [GaussianMechanism(20.0), PoissonSubsampledGaussianMechanism(0.01, sigma)], [1, 200]
+        assert event.sample_rate == pytest.approx(100 / 300) and event.steps == 3
+        prvs, steps = prvs + [PoissonSubsampledGaussianMechanism(event.sample_rate, sigma)], steps + [3]
     else:
         assert isinstance(event, GaussianEvent) and event.steps == 1
-        prvs, steps = [GaussianMechanism(20.0), GaussianMechanism(sigma)], [1, 1]
+        prvs, steps = prvs + [GaussianMechanism(sigma)], steps + [1]
     _, estimate, upper = _prv_upper(prvs, steps, delta)
     assert upper <= eps
+    assert compose_epsilon([*spent, *plan.events], delta).upper == pytest.approx(upper, abs=0.02)
     assert estimate > 0.9 * eps  # calibrated, not padded: a little more noise would waste budget
     assert plan.settings["noise_multiplier"] == sigma
 
