@@ -9,13 +9,14 @@ import torch
 
 from ..errors import BadInput, Interrupted
 from ..methods import get_method, parse_arch
-from ..privacy.accountant import calibrate_noise_multiplier, compose_epsilon
-from ..privacy.events import PoissonGaussianEvent
+from ..privacy.accountant import compose_epsilon
 from ..rundir import now
 from ..training.checkpoint import stop_on_sigint
 from ..training.device import resolve_device
 from ..training.dp_guards import check_per_sample_gradients
-from ..training.private_optimizer import PRIVATE_OPTIMIZERS, check_private_optimizer
+from ..training.efsgd import applied_noise_std, feedback_noise_multiplier
+from ..training.private_optimizer import (PRIVATE_OPTIMIZERS, calibrate_private_optimizer, check_private_optimizer,
+                                          private_optimizer_events, resolve_feedback_clip)
 from ..training.dpsgd import (GRAD_SAMPLE_MODES, DPSGDPlan, ExponentialMovingAverage, check_dp_compatible,
                               check_secure_available, train_dp)
 from . import finetune_checkpoints as checkpoints
@@ -62,6 +63,9 @@ def resolve_options(method_obj, given: dict) -> dict:
     opts = {k: (given.get(k) if given.get(k) is not None else defaults.get(k)) for k in OPTIONS if k in defaults}
     opts["train_opts"] = _train_opts(method_obj, given.get("train_opts"))
     check_options(opts)
+    if opts.get("optimizer") == "efsgd" and given.get("grad_sample_mode") is None \
+            and opts.get("grad_sample_mode") == "ghost":
+        opts["grad_sample_mode"] = "vmap"  # EFSGD needs each example's gradient; ghost was only the default
     if opts.get("grad_sample_mode") == "ghost" and (opts.get("noise_multiplicity") or 1) > 1:
         raise BadInput(f"--grad-sample-mode ghost cannot average --noise-multiplicity {opts['noise_multiplicity']} "
                        f"draws per example; use vmap, hooks or functorch")
@@ -110,16 +114,26 @@ def run_finetune(run_path: str | Path, settings: DataSettings | None = None, *, 
                                        device=torch_device, progress=progress)
 
     plan = DPSGDPlan(dataset_size=len(sensitive), batch_size=opts["batch_size"], epochs=opts["epochs"])
+    efsgd = opts.get("optimizer") == "efsgd"
+    if efsgd:  # its default C2 goes into the recorded config, so --resume reuses it
+        opts["feedback_clip"] = resolve_feedback_clip("efsgd", opts.get("feedback_clip"), clip=opts["clip"],
+                                                      sample_rate=plan.sample_rate)
     spent = run.events()
-    if resume:  # no new event: the one written before the first step covers all planned steps
+    if resume:  # no new event: the ones written before the first step cover all planned steps
         event = checkpoints.resumable_event(run, STAGE, run.manifest["stages"][STAGE]["config"])
         sigma, after = event.noise_multiplier, compose_epsilon(spent, run.delta)
+        events = [event]
     else:
-        # Solved before anything is written: an over-budget request changes nothing on disk.
-        sigma = calibrate_noise_multiplier(spent, eps, run.delta, sample_rate=plan.sample_rate, steps=plan.steps)
-        event = PoissonGaussianEvent(stage=STAGE, noise_multiplier=sigma, sample_rate=plan.sample_rate,
-                                     steps=plan.steps)
-        after = compose_epsilon([*spent, event], run.delta)
+        # Solved before anything is written: an over-budget request changes nothing on disk. EFSGD
+        # has two events: its error feedback is a hidden state, not subsampled (training/efsgd.py).
+        kind, feedback_clip = opts.get("optimizer", "dpsgd"), opts.get("feedback_clip")
+        sigma = calibrate_private_optimizer(kind, spent, eps, run.delta, sample_rate=plan.sample_rate,
+                                            steps=plan.steps, clip=opts["clip"], feedback_clip=feedback_clip,
+                                            stage=STAGE)
+        events = private_optimizer_events(kind, STAGE, noise_multiplier=sigma, sample_rate=plan.sample_rate,
+                                          steps=plan.steps, clip=opts["clip"], feedback_clip=feedback_clip)
+        event = events[-1]  # the PoissonGaussianEvent: checkpoints and --resume are keyed on it
+        after = compose_epsilon([*spent, *events], run.delta)
     eps_after = after.upper
     if eps_after > eps:  # calibration guarantees otherwise; checked before anything is written
         raise AssertionError(f"ledger epsilon {eps_after} would exceed target {eps}")
@@ -142,6 +156,9 @@ def run_finetune(run_path: str | Path, settings: DataSettings | None = None, *, 
     config = {"eps": eps, "delta": run.delta, **opts, "secure": secure, "noise_multiplier": sigma,
               "sample_rate": plan.sample_rate, "steps": plan.steps, "device": str(torch_device),
               "parameters": sum(p.numel() for p in generator.parameters()), "generator": generator.cfg.to_dict()}
+    if efsgd:
+        config["noise_std"] = applied_noise_std(sigma, opts["clip"])  # on the clipped sum, before / batch
+        config["feedback_noise_multiplier"] = feedback_noise_multiplier(sigma, opts["clip"], opts["feedback_clip"])
     with run.lock():
         if resume:
             state = checkpoints.load_checkpoint(run, STAGE, event)  # sha256, run and event checked
@@ -154,7 +171,8 @@ def run_finetune(run_path: str | Path, settings: DataSettings | None = None, *, 
             checkpoints.discard_all(run, STAGE)  # an earlier attempt's checkpoints belong to its own event
             run.begin_stage(STAGE, config, inputs=inputs)
             run.manifest["privacy"]["target_epsilon"] = float(eps)
-            run.record_event(event, after)  # write-ahead: before any noisy step
+            for i, planned in enumerate(events):  # write-ahead: before any noisy step
+                run.record_event(planned, compose_epsilon([*spent, *events[:i + 1]], run.delta))
         # Batch sampling and noise must be secret: reseed from OS entropy, not the recorded seed
         # (a resumed run restores the checkpoint's RNG state instead).
         torch.manual_seed(secrets.randbits(63))
@@ -181,8 +199,11 @@ def run_finetune(run_path: str | Path, settings: DataSettings | None = None, *, 
         run.write_artifact(STAGE, GENERATOR, torch_bytes(payload))
         run.end_stage(STAGE)
         checkpoints.discard_all(run, STAGE)  # after completion: until then they are the way back
-    return {"epsilon_spent": eps_after, "target_epsilon": eps, "delta": run.delta, "noise_multiplier": sigma,
-            "sample_rate": plan.sample_rate, "steps": plan.steps, "method": method_obj.name}
+    result = {"epsilon_spent": eps_after, "target_epsilon": eps, "delta": run.delta, "noise_multiplier": sigma,
+              "sample_rate": plan.sample_rate, "steps": plan.steps, "method": method_obj.name}
+    if efsgd:
+        result.update(optimizer="efsgd", feedback_clip=opts["feedback_clip"], noise_std=config["noise_std"])
+    return result
 
 
 def _check_method_flags(method_obj, given: dict, resume: bool, checkpoint_every) -> None:
