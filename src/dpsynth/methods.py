@@ -229,3 +229,4 @@ def _scalar_or_list(raw: str) -> Any:
         except ValueError:
             pass
     return raw
+from .mean_embedding import methods as _mean_embedding  # noqa: E402,F401  registers dp-merf, dp-ntk, dp-kernel
