@@ -7,7 +7,10 @@
 DPSYNTH ?= dpsynth
 RECIPE ?= recipes/demo.yaml
 NAME ?= $(subst /,-,$(basename $(patsubst recipes/%,%,$(RECIPE))))
-RUN ?= runs/$(NAME)-$(shell sha256sum $(RECIPE) | cut -c1-8)
+# Expanded once (:=): a recipe edited while the pipeline runs must not move later stages to another run.
+ifndef RUN
+RUN := runs/$(NAME)-$(shell sha256sum $(RECIPE) | cut -c1-8)
+endif
 STAMPS := $(RUN).make
 D := $(DPSYNTH) --recipe $(RECIPE)
 

@@ -11,7 +11,8 @@ import yaml
 from prv_accountant import GaussianMechanism, PoissonSubsampledGaussianMechanism, PRVAccountant
 from torch import nn
 
-from cli_helpers import dpsynth, snapshot
+from cli_helpers import snapshot
+from dpsynth.cli.main import main
 from dpsynth.errors import BadInput
 from dpsynth.training.dpsgd import DPSGDPlan, train_dp
 from dpsynth.training.efsgd import ERROR_KEY, EFSGDOptimizer, efsgd_events
@@ -215,11 +216,11 @@ def test_efsgd_events_cover_both_halves_of_the_noise():
 COMMON = ["--method", "dp-cvae", "--sensitive", "fashionmnist", "--limit", "300", "--resolution", "8"]
 
 
-def test_finetune_with_efsgd_through_the_cli(tmp_path):
+def test_finetune_with_efsgd_through_the_cli(tmp_path, capsys):
     run = tmp_path / "run"
-    out = dpsynth("finetune", "--run", str(run), *COMMON, "--eps", "10", "--epochs", "1", "--batch-size", "50",
-                  "--optimizer", "efsgd", "--feedback-clip", "0.05", "--json")
-    assert out.returncode == 0, out.stderr
+    code = main(["finetune", "--run", str(run), *COMMON, "--eps", "10", "--epochs", "1", "--batch-size", "50",
+                 "--optimizer", "efsgd", "--feedback-clip", "0.05", "--json"])
+    assert code == 0, capsys.readouterr().err
     manifest = yaml.safe_load((run / "manifest.yaml").read_text())
     events = manifest["privacy"]["events"]
     assert [(e["stage"], e["mechanism"]) for e in events] == [("finetune", "gaussian"),
@@ -252,9 +253,94 @@ def test_finetune_with_efsgd_through_the_cli(tmp_path):
     ["--feedback-clip", "0.1"],  # the method's optimizer is dpsgd
     ["--optimizer", "dpsgd", "--feedback-clip", "0.1"],
 ])
-def test_bad_optimizer_flags_exit_2_and_write_nothing(tmp_path, flags):
+def test_bad_optimizer_flags_exit_2_and_write_nothing(tmp_path, capsys, flags):
+    before = snapshot(tmp_path)
+    code = main(["finetune", "--run", str(tmp_path / "run"), *COMMON, "--eps", "10", "--epochs", "1", *flags])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    assert ("optimizer" in err or "feedback-clip" in err or "ghost" in err), err
+    assert snapshot(tmp_path) == before
+
+
+def _gaussian_tail(x: float) -> float:
+    return 0.5 * math.erfc(x / math.sqrt(2.0))
+
+
+def test_feedback_is_not_covered_by_a_subsampled_event_but_is_by_ours():
+    """Why EFSGD has a non-subsampled event: an added example z whose gradient is far above
+    C1 leaves a large error e, and clip(e, C2) is paid back at EVERY later step, sampled or
+    not. A likelihood-ratio test on the sum of released updates then beats the bound of
+    PoissonGaussian(sigma, q, T) with DiceSGD's noise sqrt(1 + 2 C2/C1) sigma C1 by orders of
+    magnitude; the same test stays within the bound of our two events."""
+    c1 = c2 = 1.0
+    q, steps, delta, first, g = 0.1, 100, 1e-5, 10, 1000.0
+    # The release under D (z first sampled at step `first`, others have zero gradient) minus
+    # the release under D' (all zero gradients, e = 0), without noise, from the optimizer itself.
+    weight = nn.Parameter(torch.zeros(1, dtype=torch.float64))
+    opt = EFSGDOptimizer(torch.optim.SGD([weight], lr=0.0), noise_multiplier=0.0, max_grad_norm=c1,
+                         expected_batch_size=10.0, feedback_clip=c2)
+    shift = 0.0
+    for t in range(1, steps + 1):
+        opt.zero_grad()
+        weight.grad_sample = torch.full((1, 1), g, dtype=torch.float64) if t == first else \
+            torch.zeros((0, 1), dtype=torch.float64)
+        opt.step()
+        shift += weight.grad.item() * 10.0
+    assert shift == pytest.approx(c1 + (steps - first) * c2)  # z's C1 once, then C2 at each later step
+    # z is first sampled at or before `first` with probability 1 - (1-q)^first; the feedback only grows then.
+    p_early = 1 - (1 - q) ** first
+
+    def violation(noise_std_on_sum: float, epsilon: float) -> float:
+        """max over thresholds of TPR - (e^eps FPR + delta) of the test 'sum of released > tau'."""
+        sd = math.sqrt(steps) * noise_std_on_sum
+        worst = -1.0
+        for k in range(1, 400):
+            tau = k * sd / 40
+            fpr = _gaussian_tail(tau / sd)
+            tpr = p_early * _gaussian_tail((tau - (steps - first) * c2) / sd)
+            worst = max(worst, tpr - (math.exp(epsilon) * fpr + delta))
+        return worst
+
+    sigma = 1.0
+    acc = PRVAccountant(prvs=[PoissonSubsampledGaussianMechanism(q, sigma)], max_self_compositions=[steps],
+                        eps_error=0.01, delta_error=delta / 1000)
+    eps_subsampled = acc.compute_epsilon(delta, [steps])[2]
+    dicesgd_std = math.sqrt(1 + 2 * c2 / c1) * sigma * c1
+    assert violation(dicesgd_std, eps_subsampled) > 0.2  # the subsampled claim is false here
+
+    # Our ledger for sigma = 20: both events, composed by prv-accountant directly.
+    ours = efsgd_events("finetune", noise_multiplier=20.0, sample_rate=q, steps=steps, clip=c1, feedback_clip=c2)
+    acc = PRVAccountant(prvs=[GaussianMechanism(ours[0].noise_multiplier),
+                              PoissonSubsampledGaussianMechanism(q, 20.0)],
+                        max_self_compositions=[steps, steps], eps_error=0.01, delta_error=delta / 1000)
+    eps_ours = acc.compute_epsilon(delta, [steps, steps])[2]
+    assert violation(math.sqrt(2.0) * 20.0 * c1, eps_ours) <= 0.0
+
+
+def test_finetune_efsgd_killed_after_a_checkpoint_resumes_under_its_two_events(tmp_path, capsys):
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from dpsynth.rundir import LOCK, RunDir
+
     run = tmp_path / "run"
-    out = dpsynth("finetune", "--run", str(run), *COMMON, "--eps", "10", "--epochs", "1", *flags)
-    assert out.returncode == 2, out.stderr
-    assert out.stderr.startswith("error:") and len(out.stderr.strip().splitlines()) == 1
-    assert snapshot(run) == {}
+    args = ["finetune", "--sensitive", "digits", "--limit", "200", "--method", "dp-cvae", "--eps", "4",
+            "--epochs", "2", "--batch-size", "100", "--optimizer", "efsgd", "--checkpoint-every", "1", "--quiet",
+            "--json", "--run", str(run)]
+    # fsyncs: manifest (stage begins), its two events, then checkpoint 1 (file, hash, pointer), and
+    # the 7th is inside checkpoint 2: killed there, step 1's checkpoint is the durable one.
+    fault = Path(__file__).with_name("fault_inject.py")
+    result = subprocess.run([sys.executable, str(fault), "7", *args], capture_output=True, text=True, timeout=600)
+    assert result.returncode == -signal.SIGKILL, result.stderr[-2000:]
+    before = RunDir.open(run)
+    events = before.events()
+    assert [e.mechanism for e in events] == ["gaussian", "poisson_gaussian"]
+    assert before.manifest["stages"]["finetune"]["checkpoint"]["step"] == 1
+    (run / LOCK).unlink()
+    assert main([*args, "--resume"]) == 0, capsys.readouterr().err
+    done = RunDir.open(run)
+    assert done.stage_done("finetune") and done.events() == events  # no new event for the same steps
+    assert done.manifest["stages"]["finetune"]["resumed"][-1]["from_step"] == 1

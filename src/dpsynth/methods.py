@@ -229,4 +229,5 @@ def _scalar_or_list(raw: str) -> Any:
         except ValueError:
             pass
     return raw
+from .mean_embedding import methods as _mean_embedding  # noqa: E402,F401  registers dp-merf, dp-ntk, dp-kernel
 from .gan import methods as _gan  # noqa: E402,F401  registers dp-gan, gs-wgan, efsgd-gan

@@ -15,6 +15,7 @@ import hashlib
 import io
 import os
 import platform
+import resource
 import secrets
 import sys
 import tempfile
@@ -244,6 +245,8 @@ class RunDir:
     def end_stage(self, stage: str, status: str = "completed") -> None:
         self.manifest["stages"][stage]["status"] = status
         self.manifest["stages"][stage]["ended"] = now()
+        # Peak resident memory of this process so far (Linux reports KiB): what a user sizes a machine by.
+        self.manifest["stages"][stage]["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
         self.save()
 
     def stage_done(self, stage: str) -> bool:

@@ -6,7 +6,7 @@ from typing import Optional
 
 import typer
 
-from . import audit, evaluate, finetune, generate, ledger, pretrain, report, select_public
+from . import audit, evaluate, finetune, generate, ledger, methods, pretrain, report, select_public
 from .recipe import load_recipe
 
 app = typer.Typer(name="dpsynth", help="Differentially private image synthesis with an honest privacy ledger.",
@@ -19,8 +19,9 @@ app.command("evaluate")(evaluate.command)
 app.command("ledger")(ledger.command)
 app.command("report")(report.command)
 app.command("audit")(audit.command)
+app.command("methods")(methods.command)
 
-COMMANDS = {"select-public", "pretrain", "finetune", "generate", "evaluate", "ledger", "report", "audit"}
+COMMANDS = {"select-public", "pretrain", "finetune", "generate", "evaluate", "ledger", "report", "audit", "methods"}
 
 
 @app.callback()

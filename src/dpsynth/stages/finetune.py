@@ -9,15 +9,14 @@ import torch
 
 from ..errors import BadInput, Interrupted
 from ..methods import get_method, parse_arch
-from ..privacy.accountant import calibrate_noise_multiplier, compose_epsilon
-from ..privacy.events import PoissonGaussianEvent
+from ..privacy.accountant import compose_epsilon
 from ..rundir import now
 from ..training.checkpoint import stop_on_sigint
 from ..training.device import resolve_device
 from ..training.dp_guards import check_per_sample_gradients
-from ..training.efsgd import (applied_noise_std, calibrate_efsgd_noise_multiplier, default_feedback_clip,
-                              efsgd_events, feedback_noise_multiplier)
-from ..training.private_optimizer import PRIVATE_OPTIMIZERS, check_private_optimizer
+from ..training.efsgd import applied_noise_std, feedback_noise_multiplier
+from ..training.private_optimizer import (PRIVATE_OPTIMIZERS, calibrate_private_optimizer, check_private_optimizer,
+                                          private_optimizer_events, resolve_feedback_clip)
 from ..training.dpsgd import (GRAD_SAMPLE_MODES, DPSGDPlan, ExponentialMovingAverage, check_dp_compatible,
                               check_secure_available, train_dp)
 from . import finetune_checkpoints as checkpoints
@@ -64,8 +63,9 @@ def resolve_options(method_obj, given: dict) -> dict:
     opts = {k: (given.get(k) if given.get(k) is not None else defaults.get(k)) for k in OPTIONS if k in defaults}
     opts["train_opts"] = _train_opts(method_obj, given.get("train_opts"))
     check_options(opts)
-    if opts.get("optimizer") == "efsgd" and given.get("grad_sample_mode") is None and opts["grad_sample_mode"] == "ghost":
-        opts["grad_sample_mode"] = "vmap"  # EFSGD needs each example's gradient; ghost is only a default here
+    if opts.get("optimizer") == "efsgd" and given.get("grad_sample_mode") is None \
+            and opts.get("grad_sample_mode") == "ghost":
+        opts["grad_sample_mode"] = "vmap"  # EFSGD needs each example's gradient; ghost was only the default
     if opts.get("grad_sample_mode") == "ghost" and (opts.get("noise_multiplicity") or 1) > 1:
         raise BadInput(f"--grad-sample-mode ghost cannot average --noise-multiplicity {opts['noise_multiplicity']} "
                        f"draws per example; use vmap, hooks or functorch")
@@ -115,25 +115,23 @@ def run_finetune(run_path: str | Path, settings: DataSettings | None = None, *, 
 
     plan = DPSGDPlan(dataset_size=len(sensitive), batch_size=opts["batch_size"], epochs=opts["epochs"])
     efsgd = opts.get("optimizer") == "efsgd"
-    if efsgd and opts.get("feedback_clip") is None:  # recorded in the config, so --resume reuses it
-        opts["feedback_clip"] = default_feedback_clip(opts["clip"], plan.sample_rate)
+    if efsgd:  # its default C2 goes into the recorded config, so --resume reuses it
+        opts["feedback_clip"] = resolve_feedback_clip("efsgd", opts.get("feedback_clip"), clip=opts["clip"],
+                                                      sample_rate=plan.sample_rate)
     spent = run.events()
     if resume:  # no new event: the ones written before the first step cover all planned steps
         event = checkpoints.resumable_event(run, STAGE, run.manifest["stages"][STAGE]["config"])
         sigma, after = event.noise_multiplier, compose_epsilon(spent, run.delta)
         events = [event]
     else:
-        # Solved before anything is written: an over-budget request changes nothing on disk.
-        if efsgd:  # two events: the error feedback is a hidden state, not subsampled (training/efsgd.py)
-            sigma = calibrate_efsgd_noise_multiplier(spent, eps, run.delta, sample_rate=plan.sample_rate,
-                                                     steps=plan.steps, clip=opts["clip"],
-                                                     feedback_clip=opts["feedback_clip"], stage=STAGE)
-            events = efsgd_events(STAGE, noise_multiplier=sigma, sample_rate=plan.sample_rate, steps=plan.steps,
-                                  clip=opts["clip"], feedback_clip=opts["feedback_clip"])
-        else:
-            sigma = calibrate_noise_multiplier(spent, eps, run.delta, sample_rate=plan.sample_rate, steps=plan.steps)
-            events = [PoissonGaussianEvent(stage=STAGE, noise_multiplier=sigma, sample_rate=plan.sample_rate,
-                                           steps=plan.steps)]
+        # Solved before anything is written: an over-budget request changes nothing on disk. EFSGD
+        # has two events: its error feedback is a hidden state, not subsampled (training/efsgd.py).
+        kind, feedback_clip = opts.get("optimizer", "dpsgd"), opts.get("feedback_clip")
+        sigma = calibrate_private_optimizer(kind, spent, eps, run.delta, sample_rate=plan.sample_rate,
+                                            steps=plan.steps, clip=opts["clip"], feedback_clip=feedback_clip,
+                                            stage=STAGE)
+        events = private_optimizer_events(kind, STAGE, noise_multiplier=sigma, sample_rate=plan.sample_rate,
+                                          steps=plan.steps, clip=opts["clip"], feedback_clip=feedback_clip)
         event = events[-1]  # the PoissonGaussianEvent: checkpoints and --resume are keyed on it
         after = compose_epsilon([*spent, *events], run.delta)
     eps_after = after.upper

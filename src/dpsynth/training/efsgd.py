@@ -25,7 +25,9 @@ large gradient. The hidden state shows why subsampling cannot be credited to F_t
 was sampled, e_t differs between the two datasets by sum of (g_z - clip(g_z, C1)) terms,
 unbounded, and the difference persists at later steps where z is NOT sampled (e -> e -
 clip(e, C2) is non-expansive, not contractive). A Poisson-subsampled event with a larger
-factor (e.g. sqrt(1 + 2·C2/C1)) would therefore not cover F_t. Instead:
+factor (e.g. sqrt(1 + 2·C2/C1)) would therefore not cover F_t
+(tests/test_efsgd.py::test_feedback_is_not_covered_by_a_subsampled_event_but_is_by_ours
+builds such an example and a test that beats that event's (eps, delta) bound). Instead:
 
   Split W_t = W1 + W2 into independent N(0, (sigma·C1)^2 I) parts; the released sum is a
   post-processing of the pair (Y1 = S_t + W1, Y2 = F_t + W2).
@@ -35,7 +37,7 @@ factor (e.g. sqrt(1 + 2·C2/C1)) would therefore not cover F_t. Instead:
     joint convexity of the hockey-stick divergence bounds the step by the Gaussian
     mechanism with sensitivity 2·C2: GaussianEvent(sigma·C1 / (2·C2)), T times.
   * Y1 given the released past and Y2: B_t is fresh Poisson sampling, independent of the
-    hidden state, and S_t depends on it only through the public theta_t: the usual
+    hidden state, and S_t depends on the past only through the public theta_t: the usual
     Poisson-subsampled Gaussian with sensitivity C1: PoissonGaussianEvent(sigma, q, T).
   Adaptive composition of both (dominating pairs compose, Zhu, Dong, Wang 2022) gives
   the two ledger events of `efsgd_events`; noise std applied = sqrt(2)·sigma·C1 (the
@@ -175,8 +177,8 @@ class EFSGDOptimizer(DPOptimizer):
 
     def _feedback(self, errors: list[torch.Tensor]) -> list[torch.Tensor]:
         """clip(e, C2) with the norm taken over all parameters together."""
-        norm = torch.sqrt(sum((e.double() ** 2).sum() for e in errors)) if errors else torch.tensor(0.0)
-        scale = min(1.0, self.feedback_clip / float(norm)) if float(norm) > 0 else 1.0
+        norm = float(torch.stack([e.norm(2) for e in errors]).norm(2)) if errors else 0.0
+        scale = min(1.0, self.feedback_clip / norm) if norm > 0 else 1.0
         return [e * scale for e in errors]
 
     def add_noise(self):
