@@ -155,7 +155,8 @@ class GSWGAN(GANMethod):
             stage=STAGE, noise_multiplier=sigma_eff, sample_rate=q, steps=t["iterations"],
             note=f"gs-wgan: B={opts['batch_size']} per-fake-sample gradients clipped to C={opts['clip']:g}, "
                  f"noise std {applied:.4g}*C per coordinate; L2 sensitivity 2C*sqrt(B); "
-                 f"shard chosen with q=1/{t['discriminators']}")
+                 f"shard chosen with q=1/{t['discriminators']} (GS-WGAN's amplification; unproven for shards "
+                 f"that persist across steps, see docs/DECISIONS.md 'GANs (issue 5)')")
         return PrivatePlan(events=(event,), settings={
             "noise_multiplier": sigma_eff, "noise_multiplier_applied": applied, "noise_std": applied * opts["clip"],
             "sample_rate": q, "generator_steps": t["iterations"], "l2_sensitivity_per_clip": 2.0 * opts["batch_size"] ** 0.5})
