@@ -7,7 +7,7 @@ DPSYNTH := $(VENV)/bin/dpsynth
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 STAMP := $(VENV)/.installed
 
-.PHONY: install data demo test bench clean
+.PHONY: install data demo test bench bench-small clean
 
 install: $(STAMP) data
 
@@ -33,6 +33,10 @@ test: install
 
 bench: install
 	$(PY) benchmarks/dp_step.py
+
+# The GAN and mean-embedding small recipes at eps 1 and 10 beside DPImageBench's figures (about an hour on 2 cores).
+bench-small: install
+	$(PY) benchmarks/small_recipes.py --dpsynth $(abspath $(DPSYNTH))
 
 clean:
 	rm -rf runs
