@@ -34,7 +34,7 @@ test: install
 bench: install
 	$(PY) benchmarks/dp_step.py
 
-# The GAN and mean-embedding small recipes at eps 1 and 10 beside DPImageBench's figures (about an hour on 2 cores).
+# The GAN and mean-embedding small recipes at eps 1 and 10 beside DPImageBench's figures (about 20 minutes on an idle 2-core machine).
 bench-small: install
 	$(PY) benchmarks/small_recipes.py --dpsynth $(abspath $(DPSYNTH))
 

@@ -8,7 +8,8 @@ Each row runs `make -f recipes/pipeline.mk RECIPE=recipes/<method>/fashionmnist-
 upper bound), accuracy under DP-safe selection (the recipe's classifier), FID on the named
 domain network (NOT Inception: not comparable to the papers' FID), wall time and the peak
 resident memory of the pipeline's processes. A run that pipeline.mk already completed (its stamps exist) is
-reused, its time taken from its manifest's stage times; --fresh deletes it first.
+reused, its time taken from its manifest's stage times (which leave out each command's start-up,
+about 5 s per stage); --fresh deletes it first.
 
 Published: DPImageBench (Gong et al. 2025), Fashion-MNIST, accuracy at eps 1 / 10, Inception FID
 and full-size models; EFSGD (arXiv 2601.15061), Fashion-MNIST FID 83.48. Our small recipes use
