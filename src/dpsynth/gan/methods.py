@@ -7,13 +7,16 @@ generator leaves `train_private`; discriminators die in memory.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 from ..errors import BadInput
 from ..methods import Method, PrivatePlan, register_method
 from ..privacy.accountant import calibrate_noise_multiplier
 from ..privacy.events import PoissonGaussianEvent
-from ..training.efsgd import applied_noise_std, calibrate_efsgd_noise_multiplier, default_feedback_clip, efsgd_events
+from ..training.efsgd import applied_noise_std
+from ..training.private_optimizer import (calibrate_private_optimizer, private_optimizer_events,
+                                          resolve_feedback_clip)
 from .dp_gan import DPGANSchedule, train_dp_gan
 from .gs_wgan import applied_noise_multiplier, train_gs_wgan
 from .models import ConditionalGenerator, GANConfig
@@ -69,20 +72,20 @@ class DPGAN(GANMethod):
         schedule = self._schedule(dataset_size, opts)
         q, steps, clip = schedule.sample_rate, schedule.discriminator_steps, opts["clip"]
         settings = {"sample_rate": q, "discriminator_steps": steps, "generator_steps": schedule.generator_steps}
-        if opts["optimizer"] == "efsgd":  # two events: see training/efsgd.py (feedback is not subsampled)
-            feedback_clip = opts["feedback_clip"] or default_feedback_clip(clip, q)
-            sigma = calibrate_efsgd_noise_multiplier(spent, eps, delta, sample_rate=q, steps=steps, clip=clip,
-                                                     feedback_clip=feedback_clip, stage=STAGE)
-            events = tuple(efsgd_events(STAGE, noise_multiplier=sigma, sample_rate=q, steps=steps, clip=clip,
-                                        feedback_clip=feedback_clip))
+        # The private optimizer's own events (EFSGD adds a non-subsampled one: training/efsgd.py).
+        kind = opts["optimizer"]
+        feedback_clip = resolve_feedback_clip(kind, opts["feedback_clip"], clip=clip, sample_rate=q)
+        sigma = calibrate_private_optimizer(kind, spent, eps, delta, sample_rate=q, steps=steps, clip=clip,
+                                            feedback_clip=feedback_clip, stage=STAGE)
+        events = private_optimizer_events(kind, STAGE, noise_multiplier=sigma, sample_rate=q, steps=steps, clip=clip,
+                                          feedback_clip=feedback_clip)
+        if kind == "efsgd":
             settings.update(feedback_clip=feedback_clip, noise_std=applied_noise_std(sigma, clip))
         else:
-            sigma = calibrate_noise_multiplier(spent, eps, delta, sample_rate=q, steps=steps, stage=STAGE)
-            events = (PoissonGaussianEvent(
-                stage=STAGE, noise_multiplier=sigma, sample_rate=q, steps=steps,
-                note=f"{self.name}: DP-SGD discriminator steps (per-sample clip {clip:g}); "
-                     f"generator steps read no sensitive data"),)
+            events = [replace(events[-1], note=f"{self.name}: DP-SGD discriminator steps (per-sample clip {clip:g}); "
+                                               f"generator steps read no sensitive data")]
             settings.update(noise_std=sigma * clip)
+        events = tuple(events)
         return PrivatePlan(events=events, settings={"noise_multiplier": sigma, **settings})
 
     def train_private(self, generator, images, labels, *, opts, plan, device, progress):

@@ -10,7 +10,7 @@ import functools
 import math
 from collections import Counter
 from dataclasses import dataclass
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 from prv_accountant import (GaussianMechanism, LaplaceMechanism, PoissonSubsampledGaussianMechanism,
@@ -142,12 +142,24 @@ def calibrate_noise_multiplier(spent: Sequence[PrivacyEvent], target_epsilon: fl
                                sigma_min: float = 0.4, sigma_max: float = 200.0,
                                rel_tol: float = 2e-3) -> float:
     """Smallest noise multiplier (to rel_tol) such that the PRV upper bound of
-    `spent + PoissonGaussian(sigma, sample_rate, steps)` is <= target_epsilon.
+    `spent + PoissonGaussian(sigma, sample_rate, steps)` is <= target_epsilon."""
+    return calibrate_sigma(
+        spent, target_epsilon, delta, lambda sigma: [PoissonGaussianEvent(stage, sigma, sample_rate, steps)],
+        sigma_min=sigma_min, sigma_max=sigma_max, rel_tol=rel_tol,
+        too_little=f"for {steps} steps at sample rate {sample_rate:.4g}",
+        advice="use fewer epochs, a smaller batch, or a larger --eps")
+
+
+def calibrate_sigma(spent: Sequence[PrivacyEvent], target_epsilon: float, delta: float,
+                    events_at: Callable[[float], list[PrivacyEvent]], *, sigma_min: float, sigma_max: float,
+                    rel_tol: float = 2e-3, too_little: str = "", advice: str = "use a larger --eps") -> float:
+    """Smallest sigma (to rel_tol) such that the PRV upper bound of `spent + events_at(sigma)`
+    is <= target_epsilon, for any mechanism whose events all get noisier as sigma grows.
 
     Bisection on log(sigma); epsilon decreases monotonically in sigma. The returned
     value always satisfies the target (we keep the feasible end of the bracket).
     """
-    if not (math.isfinite(target_epsilon) and target_epsilon > 0):
+    if not (isinstance(target_epsilon, (int, float)) and math.isfinite(target_epsilon) and target_epsilon > 0):
         raise BadInput(f"eps={target_epsilon!r} is not allowed; it must be a finite number > 0")
     already = epsilon_upper(spent, delta)
     if already >= target_epsilon:
@@ -156,12 +168,12 @@ def calibrate_noise_multiplier(spent: Sequence[PrivacyEvent], target_epsilon: fl
             f"raise --eps or start a new run directory")
 
     def eps_at(sigma: float) -> float:
-        return epsilon_upper([*spent, PoissonGaussianEvent(stage, sigma, sample_rate, steps)], delta)
+        return epsilon_upper([*spent, *events_at(sigma)], delta)
 
     if eps_at(sigma_max) > target_epsilon:
         raise BudgetExhausted(
-            f"even noise_multiplier={sigma_max:g} exceeds eps={target_epsilon:g} for {steps} steps at "
-            f"sample rate {sample_rate:.4g} (already spent {already:.3f}); use fewer epochs, a smaller batch, or a larger --eps")
+            f"even noise_multiplier={sigma_max:g} exceeds eps={target_epsilon:g} {too_little} "
+            f"(already spent {already:.3f}); {advice}")
     lo, hi = sigma_min, sigma_max
     if eps_at(lo) <= target_epsilon:
         return lo

@@ -61,8 +61,8 @@ from opacus.optimizers import DPOptimizer
 from opacus.optimizers.optimizer import _check_processed_flag, _generate_noise, _mark_as_processed
 from torch.optim import Optimizer
 
-from ..errors import BadInput, BudgetExhausted
-from ..privacy.accountant import epsilon_upper
+from ..errors import BadInput
+from ..privacy.accountant import calibrate_sigma
 from ..privacy.events import GaussianEvent, PoissonGaussianEvent, PrivacyEvent
 
 NOISE_FACTOR = math.sqrt(2.0)  # applied std = NOISE_FACTOR * sigma * C1 (two equal halves)
@@ -111,32 +111,14 @@ def calibrate_efsgd_noise_multiplier(spent: Sequence[PrivacyEvent], target_epsil
                                      rel_tol: float = 2e-3) -> float:
     """Smallest sigma (to rel_tol) with PRV upper bound of spent + efsgd_events <= target.
     Both events' noise grows with sigma, so epsilon decreases monotonically: bisection."""
-    if not (isinstance(target_epsilon, (int, float)) and math.isfinite(target_epsilon) and target_epsilon > 0):
-        raise BadInput(f"eps={target_epsilon!r} is not allowed; it must be a finite number > 0")
     check_feedback_clip(feedback_clip)
-    already = epsilon_upper(spent, delta)
-    if already >= target_epsilon:
-        raise BudgetExhausted(f"the run has already spent epsilon={already:.3f} of the target "
-                              f"eps={target_epsilon:g}; raise --eps or start a new run directory")
-
-    def eps_at(sigma: float) -> float:
-        return epsilon_upper([*spent, *efsgd_events(stage, noise_multiplier=sigma, sample_rate=sample_rate,
-                                                     steps=steps, clip=clip, feedback_clip=feedback_clip)], delta)
-
-    if eps_at(sigma_max) > target_epsilon:
-        raise BudgetExhausted(f"even noise_multiplier={sigma_max:g} exceeds eps={target_epsilon:g} for {steps} EFSGD "
-                              f"steps (its error feedback is not subsampled); use a smaller --feedback-clip, "
-                              f"fewer epochs or a larger --eps")
-    lo, hi = sigma_min, sigma_max
-    if eps_at(lo) <= target_epsilon:
-        return lo
-    while hi / lo > 1 + rel_tol:
-        mid = math.sqrt(lo * hi)
-        if eps_at(mid) <= target_epsilon:
-            hi = mid
-        else:
-            lo = mid
-    return hi
+    return calibrate_sigma(
+        spent, target_epsilon, delta,
+        lambda sigma: efsgd_events(stage, noise_multiplier=sigma, sample_rate=sample_rate, steps=steps, clip=clip,
+                                   feedback_clip=feedback_clip),
+        sigma_min=sigma_min, sigma_max=sigma_max, rel_tol=rel_tol,
+        too_little=f"for {steps} EFSGD steps (its error feedback is not subsampled)",
+        advice="use a smaller --feedback-clip, fewer epochs or a larger --eps")
 
 
 class EFSGDOptimizer(DPOptimizer):
