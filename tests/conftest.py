@@ -8,4 +8,6 @@ os.environ.setdefault("DPSYNTH_CACHE", os.path.join(os.path.dirname(__file__), "
 # Feature caches (features of sensitive images included) stay out of the user's data root too.
 os.environ.setdefault("DPSYNTH_FEATURE_CACHE",
                       os.path.join(os.path.dirname(__file__), "..", ".pytest_cache", "dpsynth-features"))
+# The data owner's secret key (keyed dataset tags and membership) lives outside every run directory.
+os.environ.setdefault("DPSYNTH_HOME", os.path.join(os.path.dirname(__file__), "..", ".pytest_cache", "dpsynth-home"))
 warnings.filterwarnings("ignore")

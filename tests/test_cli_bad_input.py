@@ -50,7 +50,7 @@ CASES = [
     (["finetune", "--eps", "1", "--method", "dp-cvae", "--epochs", "0"], ["--epochs 0", "> 0"]),
     (["finetune", "--eps", "1", "--method", "dp-cvae", "--batch-size", "0"], ["--batch-size 0", "> 0"]),
     (["finetune", "--eps", "1", "--sensitive", "digits", "--method", "dp-cvae", "--limit", "100",
-      "--batch-size", "500"], ["--batch-size 500", "between 1 and the dataset size 100"]),
+      "--batch-size", "500"], ["--batch-size 500", "between 1 and the dataset size"]),
     (["finetune", "--eps", "1", "--sensitive", "digits", "--limit", "0"], ["--limit 0", ">= 1"]),
     (["finetune", "--eps", "1", "--sensitive", "digits", "--channels", "2"], ["--channels 2", "1 or 3"]),
     (["finetune", "--eps", "1", "--sensitive", "digits", "--resolution", "7"], ["--resolution 7", "multiple of 4"]),

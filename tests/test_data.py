@@ -14,7 +14,7 @@ from dpsynth.data import (
     ImageSet,
     data_root,
     dataset_names,
-    fingerprint,
+    content_digest,
     load_dataset,
     register_dataset,
     resize_images,
@@ -64,7 +64,7 @@ def test_fashionmnist_real_files(fashion):
     assert sorted(p.name for p in (root / "FashionMNIST" / "raw").iterdir()) == sorted(RAW_FILES)
     again = load_dataset("fashionmnist", "train", root=root)
     assert "unpacked" not in again.source
-    assert fingerprint(again) == fingerprint(train)
+    assert content_digest(again) == content_digest(train)
 
 
 @needs_debian
@@ -88,7 +88,7 @@ def test_provision_cli_offline(tmp_path, capsys):
     assert capsys.readouterr().out.strip() == str(tmp_path / "FashionMNIST" / "raw")
 
 
-# ---------------------------------------------------------------- resize / limit / fingerprint
+# ---------------------------------------------------------------- resize / limit / content_digest
 
 
 def test_resize_to_32_rgb(fashion):
@@ -125,7 +125,7 @@ def test_limit_is_stratified_and_deterministic(fashion):
     a = load_dataset("fashionmnist", "train", root=root, limit=1000, seed=7)
     b = load_dataset("fashionmnist", "train", root=root, limit=1000, seed=7)
     c = load_dataset("fashionmnist", "train", root=root, limit=1000, seed=8)
-    assert len(a) == 1000 and fingerprint(a) == fingerprint(b) != fingerprint(c)
+    assert len(a) == 1000 and content_digest(a) == content_digest(b) != content_digest(c)
     assert torch.bincount(a.labels).tolist() == [100] * 10
     # Uneven limit: leftovers spread, every class within one of the others.
     odd = load_dataset("fashionmnist", "train", root=root, limit=1005, seed=0)
@@ -139,18 +139,18 @@ def test_limit_is_stratified_and_deterministic(fashion):
 
 def test_fingerprint_stable_and_sensitive(fashion):
     base = fashion[2].subset(torch.arange(200))
-    fp = fingerprint(base)
+    fp = content_digest(base)
     assert fp.startswith("sha256:") and len(fp) == len("sha256:") + 64
-    assert fingerprint(base.subset(list(range(200)))) == fp
-    assert fingerprint(base.subset(np.arange(200))) == fp
+    assert content_digest(base.subset(list(range(200)))) == fp
+    assert content_digest(base.subset(np.arange(200))) == fp
     pixel = base.images.clone()
     pixel[123, 0, 14, 14] ^= 1
-    assert fingerprint(ImageSet(pixel, base.labels, 10, "x", "test", "y")) != fp
+    assert content_digest(ImageSet(pixel, base.labels, 10, "x", "test", "y")) != fp
     labels = base.labels.clone()
     labels[5] = (labels[5] + 1) % 10
-    assert fingerprint(ImageSet(base.images, labels, 10, "x", "test", "y")) != fp
+    assert content_digest(ImageSet(base.images, labels, 10, "x", "test", "y")) != fp
     unlabelled = ImageSet(base.images, None, 0, "x", "test", "y")
-    assert fingerprint(unlabelled) != fp and fingerprint(unlabelled) == fingerprint(unlabelled.subset(range(200)))
+    assert content_digest(unlabelled) != fp and content_digest(unlabelled) == content_digest(unlabelled.subset(range(200)))
 
 
 # ---------------------------------------------------------------- pip-shipped sets
@@ -353,9 +353,9 @@ def test_eurosat_split_is_disjoint_and_fixed(tmp_path):
     train = load_dataset("eurosat", root=tmp_path)
     test = load_dataset("eurosat", "test", root=tmp_path)
     assert len(train) == 16 and len(test) == 4 and torch.bincount(test.labels).tolist() == [2, 2]
-    fps = {fingerprint(train.subset([i])) for i in range(16)}
-    assert not fps & {fingerprint(test.subset([i])) for i in range(4)}
-    assert fingerprint(load_dataset("eurosat", root=tmp_path, seed=5)) == fingerprint(train)
+    fps = {content_digest(train.subset([i])) for i in range(16)}
+    assert not fps & {content_digest(test.subset([i])) for i in range(4)}
+    assert content_digest(load_dataset("eurosat", root=tmp_path, seed=5)) == content_digest(train)
 
 
 def test_imagenet32_and_camelyon(tmp_path):

@@ -39,19 +39,22 @@ def _median_blur3(x: torch.Tensor) -> torch.Tensor:
 
 
 def noisy_class_means(images: torch.Tensor, row_of: torch.Tensor, rows: int, *, noise_multiplier: float,
-                      sample_rate: float, generator: torch.Generator) -> torch.Tensor:
-    """One query: (rows, C, H/2, W/2) noisy means of a Poisson batch, before any clamping."""
+                      sample_rate: float, generator: torch.Generator, dataset_size: int | None = None) -> torch.Tensor:
+    """One query: (rows, C, H/2, W/2) noisy means of a Poisson batch, before any clamping.
+    `dataset_size` is the declared N of the denominator (default: the true size, public by convention)."""
     n, c, h, w = images.shape
     chosen = torch.rand(n, generator=generator) < sample_rate
     x = F.interpolate(images[chosen].float() / 255.0, scale_factor=0.5, mode="nearest")
     sums = torch.zeros(rows, c, h // 2, w // 2).index_add_(0, row_of[chosen], x)
     noise = torch.randn(sums.shape, generator=generator) * noise_multiplier * l2_sensitivity(c, h, w)
-    return (sums + noise) / max(sample_rate * n / rows, 1.0)  # public denominator: expected class count
+    expected = sample_rate * (dataset_size or n) / rows  # public denominator: expected class count
+    return (sums + noise) / max(expected, 1.0)
 
 
 def noisy_central_images(images: torch.Tensor, labels: torch.Tensor | None, num_classes: int, *,
                          noise_multiplier: float, sample_rate: float, queries: int,
-                         generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                         generator: torch.Generator | None = None,
+                         dataset_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(queries * classes) uint8 central images and their labels. Sampling and noise use a
     generator seeded from OS entropy unless one is given (tests)."""
     if noise_multiplier <= 0 or not math.isfinite(noise_multiplier):
@@ -66,7 +69,7 @@ def noisy_central_images(images: torch.Tensor, labels: torch.Tensor | None, num_
     out, out_labels = [], []
     for _ in range(queries):
         noisy = noisy_class_means(images, row_of, rows, noise_multiplier=noise_multiplier, sample_rate=sample_rate,
-                                  generator=generator)
+                                  generator=generator, dataset_size=dataset_size)
         up = F.interpolate(noisy.clamp(0, 1), size=(h, w), mode="bilinear", align_corners=False)
         out.append(_median_blur3(up))  # post-processing of the release, as DP-FETA does
         out_labels.append(torch.arange(rows))

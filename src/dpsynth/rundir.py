@@ -134,7 +134,7 @@ class RunDir:
 
     @classmethod
     def create(cls, path: str | Path, *, method: str, sensitive: dict, public: dict | None,
-               delta: float, settings: dict) -> "RunDir":
+               delta: float, settings: dict, assumptions: dict | None = None) -> "RunDir":
         """A new manifest in memory; nothing is written until `save` (inside `lock`)."""
         path = Path(path)
         if (path / MANIFEST).exists():
@@ -152,7 +152,8 @@ class RunDir:
             "sensitive": sensitive,
             "public": public,
             "privacy": {"delta": float(delta), "epsilon": 0.0, "accountant": "prv",
-                        "event_schema_version": EVENT_SCHEMA_VERSION, "events": []},
+                        "event_schema_version": EVENT_SCHEMA_VERSION, "assumptions": assumptions or {},
+                        "events": []},
             "stages": {},
             "artifacts": {},
             "results": {},
@@ -212,9 +213,10 @@ class RunDir:
     def events(self) -> list[PrivacyEvent]:
         return [event_from_dict(record) for record in self.manifest["privacy"]["events"]]
 
-    def record_event(self, event: PrivacyEvent, after: "EpsilonBounds") -> None:
+    def record_event(self, event: PrivacyEvent, after: "EpsilonBounds", save: bool = True) -> None:
         """Write-ahead: the event is on disk before the mechanism's output exists.
-        `after` is the composition of all events including this one."""
+        `after` is the composition of all events including this one. `save=False` is for a run
+        still being created: its first save (before any mechanism runs) writes the event."""
         record = event.to_dict()
         if not record.get("note"):
             record.pop("note", None)
@@ -224,7 +226,8 @@ class RunDir:
         self.manifest["privacy"]["events"].append(record)
         self.manifest["privacy"]["epsilon"] = float(after.upper)
         self.manifest["privacy"]["accountant"] = after.accountant
-        self.save()
+        if save:
+            self.save()
 
     # ---- stages -------------------------------------------------------------------------
     def begin_stage(self, stage: str, config: dict, inputs: list[str]) -> None:

@@ -28,7 +28,11 @@ MethodOpt = typer.Option(None, "--method", help="Method name (new runs; default 
 DataRootOpt = typer.Option(None, "--data-root", help="Dataset root (default $DPSYNTH_DATA or ~/.cache/dpsynth/data).")
 ResolutionOpt = typer.Option(None, "--resolution", help="Image size for the run (default: the sensitive set's).")
 ChannelsOpt = typer.Option(None, "--channels", help="1 or 3 (default: the sensitive set's).")
-LimitOpt = typer.Option(None, "--limit", help="Use a class-stratified subset of this many sensitive images.")
+LimitOpt = typer.Option(None, "--limit", help="Keep each sensitive image with probability LIMIT/N (keyed, 1-stable: "
+                                              "about this many images; N as in --public-size).")
+PublicSizeOpt = typer.Option(None, "--public-size", help="New runs: declared size N of the sensitive set, used "
+                                                         "instead of the true size wherever N sets the sample rate, "
+                                                         "steps, delta or a mean (the true size is then not released).")
 SeedOpt = typer.Option(0, "--seed", help="Seed for model init and splits (never for DP noise).")
 ArchOpt = typer.Option(None, "--arch", help="Generator architecture overrides: JSON or k=v pairs "
                                              "(e.g. width=16,ch_mult=2:2); fixed by the first stage that builds it.")
@@ -85,16 +89,17 @@ def _fmt(value) -> str:
 
 
 def new_run_settings(sensitive, public, resolution, channels, limit, seed, data_root, holdout=0.0,
-                     noisy_val_eps=None):
+                     noisy_val_eps=None, public_size=None):
     """Data settings for a run this command may create; None when --sensitive is absent
     (the command then works on an existing run and takes its recorded settings)."""
     from ..stages.common import DataSettings
 
     if not sensitive:
-        if holdout or noisy_val_eps is not None:
+        if holdout or noisy_val_eps is not None or public_size is not None:
             from ..errors import BadInput
-            raise BadInput("--holdout and --noisy-val-eps are fixed when a run is created; pass them with "
-                           "--sensitive on the run's first stage")
+            raise BadInput("--holdout, --noisy-val-eps and --public-size are fixed when a run is created; pass "
+                           "them with --sensitive on the run's first stage")
         return None
     return DataSettings(sensitive=sensitive, public=public, resolution=resolution, channels=channels,
-                        limit=limit, seed=seed, data_root=data_root, holdout=holdout, noisy_val_eps=noisy_val_eps)
+                        limit=limit, seed=seed, data_root=data_root, holdout=holdout, noisy_val_eps=noisy_val_eps,
+                        public_size=public_size)

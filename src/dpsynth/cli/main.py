@@ -29,6 +29,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.write("error: interrupted\n")
         return 130
     except SystemExit as exc:
+        _print_notices()
         return int(exc.code or 0)
     except Exception as exc:  # click usage errors arrive here with standalone_mode=False
         usage = _usage_error(exc)
@@ -36,7 +37,17 @@ def main(argv: list[str] | None = None) -> int:
             raise
         sys.stderr.write(f"error: {usage}\n")
         return 2
+    _print_notices()
     return 0
+
+
+def _print_notices() -> None:
+    # One-time messages from the library (e.g. a legacy manifest migrated), said once, on stderr.
+    from ..stages.common import NOTICES
+
+    for notice in dict.fromkeys(NOTICES):
+        sys.stderr.write(f"note: {notice}\n")
+    NOTICES.clear()
 
 
 def _usage_error(exc: Exception) -> str | None:

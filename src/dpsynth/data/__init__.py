@@ -7,7 +7,7 @@ at load time; missing files raise DatasetNotFound naming where they must go.
 
 from . import celeba, npz, small_sets, torchvision_sets  # noqa: F401  (import = register)
 from .fashion import provision_fashionmnist
-from .imageset import ImageSet, fingerprint, resize_images
+from .imageset import ImageSet, content_digest, resize_images
 from .registry import LoadRequest, data_root, dataset_names, load_dataset, register_dataset
 
 __all__ = [
@@ -15,7 +15,7 @@ __all__ = [
     "LoadRequest",
     "data_root",
     "dataset_names",
-    "fingerprint",
+    "content_digest",
     "load_dataset",
     "provision_fashionmnist",
     "register_dataset",

@@ -1,8 +1,8 @@
 """The in-memory dataset type every loader returns, plus pixel-level helpers.
 
-Everything downstream (training, evaluation, fingerprints in the run manifest)
+Everything downstream (training, evaluation, the keyed tags in the run manifest)
 sees one representation: uint8 NCHW tensors and int64 labels. Keeping pixels as
-uint8 means fingerprints are exact and memory stays 4x smaller than float.
+uint8 means digests are exact and memory stays 4x smaller than float.
 """
 
 from __future__ import annotations
@@ -80,8 +80,11 @@ class ImageSet:
         )
 
 
-def fingerprint(images: ImageSet) -> str:
-    """sha256 over shape, pixel bytes and label bytes: identifies the exact data a run used."""
+def content_digest(images: ImageSet) -> str:
+    """Plain sha256 over shape, pixel bytes and label bytes, for PUBLIC data (cache keys).
+
+    Never write it for sensitive data: anyone holding the candidate images can recompute
+    it. Sensitive sets get `dpsynth.data.keyed.keyed_tag` instead."""
     h = hashlib.sha256()
     h.update(("images:" + "x".join(str(d) for d in images.images.shape) + ";").encode())
     h.update(images.images.contiguous().numpy().tobytes())

@@ -126,8 +126,7 @@ def train_dp_gan(generator: ConditionalGenerator, images: torch.Tensor, labels: 
     generator (EMA weights when `ema`) and counters {"discriminator_steps", "generator_steps"}."""
     if grad_sample_mode != "vmap":  # opacus' hooks on the discriminator would also fire on the fake rows
         raise BadInput(f"--grad-sample-mode {grad_sample_mode!r}: DP-GAN computes per-example gradients with vmap")
-    if len(images) != schedule.dataset_size:
-        raise BadInput(f"plan was made for {schedule.dataset_size} images, got {len(images)}")
+    # schedule.dataset_size is the declared N: it alone sets q, the steps and the denominator.
     device = device or torch.device("cpu")
     cfg = generator.cfg
     if recon_weight > 0 and not cfg.reconstruction:

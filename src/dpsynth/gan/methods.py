@@ -86,10 +86,11 @@ class DPGAN(GANMethod):
                                                f"generator steps read no sensitive data")]
             settings.update(noise_std=sigma * clip)
         events = tuple(events)
-        return PrivatePlan(events=events, settings={"noise_multiplier": sigma, **settings})
+        return PrivatePlan(events=events, settings={"noise_multiplier": sigma, "dataset_size": dataset_size,
+                                                    **settings})
 
     def train_private(self, generator, images, labels, *, opts, plan, device, progress):
-        schedule = self._schedule(len(images), opts)
+        schedule = self._schedule(plan.settings["dataset_size"], opts)  # the declared N, as planned
         if schedule.discriminator_steps != plan.settings["discriminator_steps"]:
             raise RuntimeError("DP-GAN schedule differs from the planned event")
         t = opts["train_opts"]

@@ -117,6 +117,7 @@ class SingleReleaseMethod(MeanEmbeddingMethod):
                               note=f"{self.name}: one release of the embedding sum over all images; {SENSITIVITY_NOTE}")
         steps = opts["epochs"] * math.ceil(dataset_size / opts["batch_size"])
         return PrivatePlan(events=(event,), settings={"noise_multiplier": sigma, "releases": 1,
+                                                      "dataset_size": dataset_size,
                                                       "generator_steps": steps, "l2_sensitivity": 1.0})
 
     def train_private(self, generator, images, labels, *, opts, plan, device, progress):
@@ -133,9 +134,10 @@ class SingleReleaseMethod(MeanEmbeddingMethod):
                             count_weight=t["count_weight"], device=device, on_rows=on_rows)
         if rows[0] != n:  # the accounted mechanism embeds every image
             raise AssertionError(f"embedded {rows[0]} of {n} images")
-        target = release.features.to(device) / n  # public N: the noisy mean joint embedding
+        declared = plan.settings["dataset_size"]  # public (declared) N, never the true size
+        target = release.features.to(device) / declared  # the noisy mean joint embedding
         proportions = class_proportions(release.counts).to(device)
-        steps_per_epoch = math.ceil(n / opts["batch_size"])
+        steps_per_epoch = math.ceil(declared / opts["batch_size"])
         total = opts["epochs"] * steps_per_epoch
         generator.train()
         optimizer = torch.optim.Adam(generator.parameters(), lr=opts["lr"])
@@ -214,6 +216,7 @@ class DPKernel(MeanEmbeddingMethod):
         event = PoissonGaussianEvent(stage=STAGE, noise_multiplier=sigma, sample_rate=rate, steps=iterations,
                                      note=f"dp-kernel: embedding sum of each Poisson batch; {SENSITIVITY_NOTE}")
         return PrivatePlan(events=(event,), settings={"noise_multiplier": sigma, "sample_rate": rate,
+                                                      "dataset_size": dataset_size,
                                                       "releases": iterations, "generator_steps": iterations,
                                                       "l2_sensitivity": 1.0})
 
@@ -221,7 +224,7 @@ class DPKernel(MeanEmbeddingMethod):
         t = self.check_opts(opts)
         n, k = len(images), generator.cfg.num_classes
         rate, iterations = plan.settings["sample_rate"], plan.settings["releases"]
-        expected = rate * n  # public denominator (the actual batch size is private)
+        expected = rate * plan.settings["dataset_size"]  # public denominator (the actual batch size is private)
         fmap = self.feature_map(images[0].numel(), t).to(device)
         gen_batch = t["generator_batch"] or opts["batch_size"]
         generator.train()

@@ -1,5 +1,5 @@
 """What every stage shares: run-directory setup, dataset loading checked against the
-manifest's fingerprints, caches, and the progress-callback type."""
+manifest's keyed tags, caches, and the progress-callback type."""
 
 from __future__ import annotations
 
@@ -12,12 +12,14 @@ from typing import Callable
 
 import torch
 
-from ..data import ImageSet, fingerprint, load_dataset
+from ..data import ImageSet, content_digest, load_dataset
+from ..data.keyed import keyed_members, keyed_tag
 from ..errors import BadInput, RunDirError
 from ..methods import get_method
 from ..privacy.accountant import check_delta, compose_epsilon, default_delta
-from ..rundir import RunDir, now
-from .holdout import check_holdout, holdout_record, indices_sha256, reservation_event, split_off
+from ..privacy.owner_key import OwnerKey, check_outside, load_owner_key
+from ..rundir import RunDir
+from .holdout import check_holdout, holdout_record, reservation_event, split_off
 
 # progress(phase, done, total); the CLI draws rich bars from it, the library never prints.
 Progress = Callable[[str, int, int], None]
@@ -40,6 +42,7 @@ class DataSettings:
     data_root: str | None = None
     holdout: float = 0.0  # share of the sensitive train set kept from the generator for noisy-val
     noisy_val_eps: float | None = None  # epsilon reserved in the ledger at creation for noisy-val
+    public_size: int | None = None  # declared N: replaces the true size wherever N enters q, T, delta or a mean
 
     def __post_init__(self) -> None:
         check_holdout(self.holdout)
@@ -51,6 +54,11 @@ class DataSettings:
             raise BadInput(f"--channels {self.channels} must be 1 or 3")
         if self.limit is not None and self.limit < 1:
             raise BadInput(f"--limit {self.limit} must be >= 1")
+        if self.public_size is not None and (isinstance(self.public_size, bool) or not isinstance(self.public_size, int)
+                                             or self.public_size < 3):
+            raise BadInput(f"--public-size {self.public_size!r} is not allowed; it must be an integer >= 3")
+        if self.public_size is not None and self.limit is not None and self.limit > self.public_size:
+            raise BadInput(f"--limit {self.limit} exceeds --public-size {self.public_size}; allowed: at most it")
 
 
 def check_positive(flag: str, value: float, integer: bool = False) -> None:
@@ -59,10 +67,24 @@ def check_positive(flag: str, value: float, integer: bool = False) -> None:
         raise BadInput(f"{flag} {value!r} is not allowed; it must be {'an integer' if integer else 'a number'} > 0")
 
 
+def _limit_fraction(settings: DataSettings, n: int) -> float:
+    """--limit L keeps each record with probability L / N, N the declared size (the true size,
+    public by convention, when --public-size is not given)."""
+    if settings.limit is None:
+        return 1.0
+    return min(1.0, settings.limit / (settings.public_size or max(n, 1)))
+
+
 def _load_full(settings: DataSettings, split: str) -> ImageSet:
-    return load_dataset(settings.sensitive, split, root=settings.data_root, resolution=settings.resolution,
-                        channels=settings.channels, limit=settings.limit if split == "train" else None,
-                        seed=settings.seed)
+    """The sensitive `split`; for "train", the --limit subset (keyed, 1-stable: see data.keyed)."""
+    images = load_dataset(settings.sensitive, split, root=settings.data_root, resolution=settings.resolution,
+                          channels=settings.channels, seed=settings.seed)
+    if split != "train" or settings.limit is None:
+        return images
+    keep = keyed_members(images, load_owner_key(), _limit_fraction(settings, len(images)), "limit", settings.seed)
+    if not keep.any():
+        raise BadInput(f"--limit {settings.limit} of {len(images)} sensitive images kept none; use a larger --limit")
+    return images.subset(keep)
 
 
 def load_sensitive(settings: DataSettings, split: str = "train") -> ImageSet:
@@ -70,21 +92,25 @@ def load_sensitive(settings: DataSettings, split: str = "train") -> ImageSet:
     images = _load_full(settings, split)
     if split != "train":
         return images
-    return split_off(images, settings.holdout or 0.0, settings.seed)[0]
+    return split_off(images, settings.holdout or 0.0, settings.seed, load_owner_key())[0]
 
 
 def load_holdout(run: RunDir) -> ImageSet:
-    """The run's sensitive hold-out, checked against the indices recorded when the run was created."""
+    """The run's sensitive hold-out, checked against the keyed tag recorded when the run was created."""
     settings = settings_from_run(run)
     record = run.manifest.get("holdout") or {}
     if not settings.holdout or not record.get("size"):
         raise BadInput(f"run {run.path} has no sensitive hold-out; noisy-val needs one: create the run with "
                        f"--holdout FRACTION (e.g. --holdout 0.1)")
-    full = _load_full(settings, "train")
-    _, held, indices = split_off(full, settings.holdout, settings.seed)
-    if indices_sha256(indices) != record.get("indices_sha256"):
-        raise RunDirError(f"the sensitive hold-out of {run.path} no longer matches the indices recorded at creation "
-                          f"({record.get('indices_sha256', '')[:19]}…); the dataset changed")
+    key = load_owner_key()
+    _, held = split_off(_load_full(settings, "train"), settings.holdout, settings.seed, key)
+    if "tag" not in record:  # runs made before keyed tags recorded the hold-out's indices, not its content
+        raise RunDirError(f"the sensitive hold-out of {run.path} was chosen by an earlier dpsynth that shuffled "
+                          f"indices; this version cannot reproduce it, so noisy-val needs a new run")
+    _check_key(run, key, record.get("key_id"), "holdout")
+    if keyed_tag(held, key) != record["tag"]:
+        raise RunDirError(f"the sensitive hold-out of {run.path} no longer matches the one recorded at creation; "
+                          f"the dataset changed")
     return held
 
 
@@ -95,10 +121,30 @@ def load_public(settings: DataSettings, like: ImageSet) -> ImageSet:
     return load_dataset(settings.public, "train", root=settings.data_root, resolution=resolution, channels=channels)
 
 
-def dataset_record(images: ImageSet) -> dict:
-    n, c, h, w = images.images.shape
-    return {"name": images.name, "split": images.split, "size": int(n), "num_classes": int(images.num_classes),
-            "resolution": int(h), "channels": int(c), "fingerprint": fingerprint(images), "source": images.source}
+# What the manifest says about the sensitive set is public metadata plus one keyed tag; see
+# privacy.assumptions for why N may be written at all.
+SIZE_DECLARED = "declared with --public-size; the true size is not released"
+SIZE_TRUE = "the true size, released (treated as public, as opacus and DPImageBench do)"
+
+
+def dataset_record(images: ImageSet, key: OwnerKey, declared_size: int, size_basis: str) -> dict:
+    _, c, h, _ = images.images.shape
+    return {"name": images.name, "split": images.split, "size": int(declared_size), "size_basis": size_basis,
+            "num_classes": int(images.num_classes), "resolution": int(h), "channels": int(c),
+            "tag": keyed_tag(images, key), "key_id": key.key_id, "source": images.source}
+
+
+def privacy_assumptions(size_basis: str) -> dict:
+    return {"adjacency": "add/remove one image (record-level)",
+            "dataset_size": f"public: N in this manifest is {size_basis}",
+            "outside_ledger": "evaluation figures computed on sensitive data (fidelity against the training set, "
+                              "test accuracy) are reporting, not release; choosing among runs by them is not "
+                              "accounted"}
+
+
+def declared_size(run: RunDir) -> int:
+    """N of the sensitive training set as the mechanisms must use it (q, steps, means): the declared one."""
+    return int(run.manifest["sensitive"]["size"])
 
 
 def settings_from_run(run: RunDir) -> DataSettings:
@@ -106,12 +152,37 @@ def settings_from_run(run: RunDir) -> DataSettings:
     return DataSettings(**{k: s.get(k) for k in DataSettings.__dataclass_fields__ if k in s})
 
 
+def _check_key(run: RunDir, key: OwnerKey, recorded_id: str | None, what: str) -> None:
+    if recorded_id and recorded_id != key.key_id:
+        raise RunDirError(f"the {what} tag of {run.path} was made with owner key {recorded_id}, but "
+                          f"{key.path} is key {key.key_id}; set DPSYNTH_HOME to the directory holding the run's key")
+
+
 def check_same_data(run: RunDir, images: ImageSet, key: str = "sensitive") -> None:
-    recorded = (run.manifest.get(key) or {}).get("fingerprint")
-    actual = fingerprint(images)
-    if recorded and recorded != actual:
-        raise RunDirError(f"{key} dataset {images.name} differs from the one this run was created with "
-                          f"({actual[:19]}… != {recorded[:19]}…); use a new --run directory")
+    """The data must be the run's own. A manifest from before keyed tags carries a plain sha256
+    fingerprint: it is checked as it is and replaced in memory by the keyed tag, which the
+    stage's next save writes (a membership oracle must not outlive the next stage)."""
+    record = run.manifest.get(key) or {}
+    owner = load_owner_key()
+    if "tag" in record:
+        _check_key(run, owner, record.get("key_id"), key)
+        if keyed_tag(images, owner) != record["tag"]:
+            raise RunDirError(f"{key} dataset {images.name} differs from the one this run was created with "
+                              f"(keyed tags differ); use a new --run directory")
+        return
+    legacy = record.get("fingerprint")
+    if legacy:
+        if content_digest(images) != legacy:
+            raise RunDirError(f"{key} dataset {images.name} differs from the one this run was created with "
+                              f"(legacy fingerprints differ); use a new --run directory")
+        del record["fingerprint"]
+        record.update(tag=keyed_tag(images, owner), key_id=owner.key_id)
+        NOTICES.append(f"{run.path}: replaced the manifest's plain sha256 fingerprint of the {key} set (a "
+                       f"membership oracle) with a keyed tag under owner key {owner.key_id}")
+
+
+# One-time messages for the CLI to print (the library never prints).
+NOTICES: list[str] = []
 
 
 def open_or_create_run(run_path: str | Path, *, method: str | None, settings: DataSettings | None,
@@ -130,6 +201,9 @@ def open_or_create_run(run_path: str | Path, *, method: str | None, settings: Da
         if settings and (settings.holdout != recorded.holdout or settings.noisy_val_eps != recorded.noisy_val_eps):
             raise BadInput(f"--holdout {settings.holdout:g} / --noisy-val-eps {settings.noisy_val_eps} differ from "
                            f"this run's ({recorded.holdout:g} / {recorded.noisy_val_eps}); they are fixed at creation")
+        if settings and settings.public_size is not None and settings.public_size != recorded.public_size:
+            raise BadInput(f"--public-size {settings.public_size} differs from this run's {recorded.public_size}; "
+                           f"it is fixed at creation")
         if delta is not None and delta != run.delta:
             raise BadInput(f"--delta {delta:g} differs from this run's delta {run.delta:g}; delta is fixed per run")
         sensitive = load_sensitive(recorded)
@@ -139,36 +213,33 @@ def open_or_create_run(run_path: str | Path, *, method: str | None, settings: Da
         raise RunDirError(f"run directory {run_path} does not exist; create it with 'dpsynth select-public' "
                           f"or pass --sensitive NAME to start a run here")
     method_obj = get_method(method or "privimage-cvae")
+    owner = load_owner_key()
+    check_outside(owner, run_path)
     full = _load_full(settings, "train")
     if full.labels is None or full.num_classes < 1:
         raise BadInput(f"sensitive dataset {settings.sensitive} has no labels; the conditional generators need them")
     # The hold-out is decided here, before any mechanism reads the data, and never changes.
-    sensitive, _, held = split_off(full, settings.holdout, settings.seed)
+    sensitive, held = split_off(full, settings.holdout, settings.seed, owner)
     # delta is per protected image: N counts the hold-out too (it is sensitive data as well).
-    n = len(full)
+    if settings.public_size is not None:
+        n = settings.limit or settings.public_size
+        n_train = max(1, round(n * (1.0 - settings.holdout)))
+        basis = SIZE_DECLARED
+    else:
+        n, n_train, basis = len(full), len(sensitive), SIZE_TRUE
     delta = delta if delta is not None else default_delta(n)
     if delta >= 1.0 / n:
         raise BadInput(f"--delta {delta:g} must be < 1/N = {1.0 / n:.3g} for N={n} images")
     public_record = {"name": settings.public} if settings.public else None
-    run = RunDir.create(run_path, method=method_obj.name, sensitive=dataset_record(sensitive),
-                        public=public_record, delta=delta, settings=settings.__dict__)
-    if held.numel():
-        run.manifest["holdout"] = holdout_record(settings.holdout, settings.seed, held, n)
+    run = RunDir.create(run_path, method=method_obj.name, sensitive=dataset_record(sensitive, owner, n_train, basis),
+                        public=public_record, delta=delta, settings=settings.__dict__,
+                        assumptions=privacy_assumptions(basis))
+    if held is not None:
+        run.manifest["holdout"] = holdout_record(settings.holdout, settings.seed, held, owner)
     if settings.noisy_val_eps is not None:
-        _append_event(run, reservation_event(settings.noisy_val_eps, [], delta))
+        event = reservation_event(settings.noisy_val_eps, [], delta)
+        run.record_event(event, compose_epsilon([event], delta), save=False)
     return run, sensitive
-
-
-def _append_event(run: RunDir, event) -> None:
-    """Put `event` in the new run's in-memory ledger, as `RunDir.record_event` records it; the creating
-    stage's first save writes it, before that stage (or any later one) runs a mechanism."""
-    events = [*run.events(), event]
-    after = compose_epsilon(events, run.delta)
-    record = {k: v for k, v in event.to_dict().items() if k != "note" or v}
-    record.update(time=now(), epsilon_after=float(after.upper), accountant=after.accountant)
-    run.manifest["privacy"]["events"].append(record)
-    run.manifest["privacy"]["epsilon"] = float(after.upper)
-    run.manifest["privacy"]["accountant"] = after.accountant
 
 
 def cache_dir() -> Path:

@@ -20,7 +20,7 @@ from ..training.private_optimizer import (PRIVATE_OPTIMIZERS, calibrate_private_
 from ..training.dpsgd import (GRAD_SAMPLE_MODES, DPSGDPlan, ExponentialMovingAverage, check_dp_compatible,
                               check_secure_available, train_dp)
 from . import finetune_checkpoints as checkpoints
-from .common import (DataSettings, Progress, check_positive, no_progress, open_or_create_run, torch_bytes,
+from .common import (DataSettings, Progress, check_positive, declared_size, no_progress, open_or_create_run, torch_bytes,
                      torch_load_bytes)
 from .pretrain import PRETRAINED, STAGE as PRETRAIN_STAGE
 
@@ -113,7 +113,7 @@ def run_finetune(run_path: str | Path, settings: DataSettings | None = None, *, 
         return _finetune_own_mechanism(run, sensitive, method_obj, opts, eps=eps, arch=arch, seed=seed,
                                        device=torch_device, progress=progress)
 
-    plan = DPSGDPlan(dataset_size=len(sensitive), batch_size=opts["batch_size"], epochs=opts["epochs"])
+    plan = DPSGDPlan(dataset_size=declared_size(run), batch_size=opts["batch_size"], epochs=opts["epochs"])
     efsgd = opts.get("optimizer") == "efsgd"
     if efsgd:  # its default C2 goes into the recorded config, so --resume reuses it
         opts["feedback_clip"] = resolve_feedback_clip("efsgd", opts.get("feedback_clip"), clip=opts["clip"],
@@ -233,7 +233,7 @@ def _finetune_own_mechanism(run, sensitive, method_obj, opts: dict, *, eps: floa
     """A method's own mechanism (GANs, mean embeddings): its planned events are calibrated and
     checked before anything is written, recorded before it runs, and it must run exactly them."""
     spent = run.events()
-    plan = method_obj.plan_private(dataset_size=len(sensitive), opts=opts, spent=spent, eps=eps, delta=run.delta)
+    plan = method_obj.plan_private(dataset_size=declared_size(run), opts=opts, spent=spent, eps=eps, delta=run.delta)
     if not plan.events:
         raise AssertionError(f"{method_obj.name} planned no privacy event but reads the sensitive set")
     after = compose_epsilon([*spent, *plan.events], run.delta)

@@ -1,14 +1,15 @@
 """The sensitive hold-out for `evaluate --protocol noisy-val`, fixed when a run is created.
 
-A stratified, seeded share of the sensitive TRAINING set is set aside before any
-mechanism reads it: every stage that trains on sensitive data gets the rest, so
-the generator never sees the hold-out. Its indices' sha256 goes into the manifest
-and is checked on every later load.
+A share of the sensitive TRAINING set is set aside before any mechanism reads it:
+every stage that trains on sensitive data gets the rest, so the generator never sees
+the hold-out. Each record's membership is decided from a keyed hash of its own bytes
+(`dpsynth.data.keyed`), so it is 1-stable; the hold-out's keyed tag goes into the
+manifest and is checked on every later load.
 
 Privacy: the hold-out is sensitive data too. We do not claim parallel composition
-between the generator's part and the hold-out (under add/remove adjacency an
-index-based split is not data-independent); the noisy-val release is simply one
-more event in the run's sequential composition.
+between the generator's part and the hold-out (conservative, though the keyed split
+would allow it); the noisy-val release is simply one more event in the run's
+sequential composition.
 
 The noisy-val budget can be reserved at creation (`--noisy-val-eps`): its (Gaussian)
 event then sits in the ledger before fine-tuning, so DP-SGD's calibration leaves room
@@ -18,21 +19,19 @@ charges the event itself and refuses when it would exceed the run's target epsil
 
 from __future__ import annotations
 
-import hashlib
 import math
 
 import torch
 
 from ..data import ImageSet
+from ..data.keyed import keyed_members, keyed_tag
 from ..errors import BadInput
 from ..evaluation.selection import NOISES
-from ..evaluation.splits import stratified_split
 from ..privacy.accountant import calibrate_gaussian_sigma, epsilon_upper
 from ..privacy.events import GaussianEvent, LaplaceEvent, PrivacyEvent
+from ..privacy.owner_key import OwnerKey
 
 MAX_FRACTION = 0.5
-# Salt so the hold-out draw is not the same permutation as other seed-driven splits.
-_SALT = 0x484F4C44
 
 
 def check_holdout(fraction: float) -> None:
@@ -46,38 +45,34 @@ def check_noise(noise: str) -> None:
         raise BadInput(f"--val-noise {noise!r} is unknown; choose one of {', '.join(NOISES)}")
 
 
-def holdout_indices(images: ImageSet, fraction: float, seed: int) -> torch.Tensor:
-    """Sorted indices of the hold-out: round(n_c * fraction) per class, deterministic in `seed`."""
+def holdout_mask(images: ImageSet, fraction: float, seed: int, key: OwnerKey) -> torch.Tensor:
+    """Bool mask of the hold-out: each record in with probability `fraction`, decided from a keyed
+    hash of its own bytes (1-stable: adding or removing an image moves no other image in or out)."""
     check_holdout(fraction)
     if fraction == 0:
-        return torch.zeros(0, dtype=torch.int64)
+        return torch.zeros(len(images), dtype=torch.bool)
     if images.labels is None:
         raise BadInput(f"--holdout needs a labelled sensitive set; {images.name} has no labels")
-    try:
-        _, held = stratified_split(images.labels, fraction, seed ^ _SALT)
-    except BadInput:
+    held = keyed_members(images, key, fraction, "holdout", seed)
+    if not held.any() or held.all():
         raise BadInput(f"--holdout {fraction:g} of {len(images)} sensitive images leaves the hold-out or the "
-                       f"training part empty; use a larger set or another fraction") from None
-    return held.sort().values
+                       f"training part empty; use a larger set or another fraction")
+    return held
 
 
-def indices_sha256(indices: torch.Tensor) -> str:
-    return "sha256:" + hashlib.sha256(indices.to(torch.int64).numpy().astype("<i8").tobytes()).hexdigest()
+def split_off(images: ImageSet, fraction: float, seed: int, key: OwnerKey) -> tuple[ImageSet, ImageSet | None]:
+    """(training part, hold-out or None)."""
+    held = holdout_mask(images, fraction, seed, key)
+    if not held.any():
+        return images, None
+    return images.subset(~held), images.subset(held)
 
 
-def split_off(images: ImageSet, fraction: float, seed: int) -> tuple[ImageSet, ImageSet | None, torch.Tensor]:
-    """(training part, hold-out or None, hold-out indices into `images`)."""
-    held = holdout_indices(images, fraction, seed)
-    if held.numel() == 0:
-        return images, None, held
-    keep = torch.ones(len(images), dtype=torch.bool)
-    keep[held] = False
-    return images.subset(keep), images.subset(held), held
-
-
-def holdout_record(fraction: float, seed: int, indices: torch.Tensor, total: int) -> dict:
-    return {"fraction": float(fraction), "seed": int(seed), "size": int(indices.numel()),
-            "of_sensitive_train": int(total), "indices_sha256": indices_sha256(indices)}
+def holdout_record(fraction: float, seed: int, held: ImageSet, key: OwnerKey) -> dict:
+    # The hold-out's size is a data-dependent count like N itself: declared public with N (see
+    # the manifest's privacy.assumptions); its identity is a keyed tag, never a plain hash.
+    return {"fraction": float(fraction), "seed": int(seed), "size": len(held), "tag": keyed_tag(held, key),
+            "key_id": key.key_id}
 
 
 NOTE = "noisy-val: per-epoch correct counts of synthetic-trained checkpoints on the sensitive hold-out"

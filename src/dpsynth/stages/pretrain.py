@@ -24,7 +24,7 @@ from ..privacy.accountant import compose_epsilon
 from ..privacy.events import PoissonGaussianEvent
 from ..training.device import resolve_device
 from ..training.dpsgd import train_nonprivate
-from .common import (DataSettings, Progress, check_positive, load_public, no_progress, open_or_create_run,
+from .common import (DataSettings, Progress, check_positive, declared_size, load_public, no_progress, open_or_create_run,
                      settings_from_run, torch_bytes)
 from .select_public import SELECTION, STAGE as SELECT_STAGE
 
@@ -111,7 +111,7 @@ def _central_warmup(run, sensitive, method_obj, generator, *, epochs, batch_size
     check_positive("--central-sigma", sigma)
     check_positive("--central-queries", queries, integer=True)
     check_positive("--central-batch", central_batch, integer=True)
-    q = central_sample_rate(len(sensitive), central_batch)
+    q = central_sample_rate(declared_size(run), central_batch)
     event = PoissonGaussianEvent(stage=STAGE, noise_multiplier=float(sigma), sample_rate=q, steps=int(queries))
     target = run.manifest["privacy"].get("target_epsilon")
     after = compose_epsilon([*run.events(), event], run.delta)
@@ -125,7 +125,8 @@ def _central_warmup(run, sensitive, method_obj, generator, *, epochs, batch_size
         run.begin_stage(STAGE, config, inputs=[])
         run.record_event(event, after)  # write-ahead: before any noisy mean exists
         central, labels = noisy_central_images(sensitive.images, sensitive.labels, sensitive.num_classes,
-                                               noise_multiplier=sigma, sample_rate=q, queries=queries)
+                                               noise_multiplier=sigma, sample_rate=q, queries=queries,
+                                               dataset_size=declared_size(run))
 
         def write_npz(buffer: io.BytesIO) -> None:
             np.savez_compressed(buffer, images=central.numpy(), labels=labels.numpy())

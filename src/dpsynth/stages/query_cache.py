@@ -8,7 +8,7 @@ import json
 
 import torch
 
-from ..data import ImageSet, fingerprint
+from ..data import ImageSet, content_digest
 from ..models.query_net import QueryNet, train_query_net
 from ..rundir import atomic_write_bytes
 from .common import Progress, cache_dir, no_progress, torch_bytes, torch_load_bytes
@@ -22,7 +22,7 @@ def query_net_for(public: ImageSet, *, seed: int = 0, epochs: int = QUERY_EPOCHS
     if public.labels is None or public.num_classes < 2:
         raise ValueError(f"public dataset {public.name} needs labels to train the query classifier")
     _, c, r, _ = public.images.shape
-    key_src = json.dumps({"public": fingerprint(public), "c": c, "r": r, "epochs": epochs, "seed": seed, "v": 1})
+    key_src = json.dumps({"public": content_digest(public), "c": c, "r": r, "epochs": epochs, "seed": seed, "v": 1})
     key = hashlib.sha256(key_src.encode()).hexdigest()[:16]
     path = cache_dir() / f"querynet-{key}.pt"
     net = QueryNet(channels=c, num_classes=public.num_classes, resolution=r)
@@ -33,7 +33,7 @@ def query_net_for(public: ImageSet, *, seed: int = 0, epochs: int = QUERY_EPOCHS
         train_query_net(net, public.images, public.labels, epochs=epochs, seed=seed,
                         progress=lambda d, t, _loss: progress("train query net (public)", d, t))
         atomic_write_bytes(path, torch_bytes({"state_dict": net.state_dict(), "config": net.config,
-                                              "public": fingerprint(public)}))
+                                              "public": content_digest(public)}))
     net.eval()
     weights = hashlib.sha256(path.read_bytes()).hexdigest()[:12]
     identity = f"querynet({public.name},{r}px,{c}ch):sha256:{weights}"

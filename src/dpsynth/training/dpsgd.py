@@ -200,8 +200,8 @@ def train_dp(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
                        "use vmap, hooks or functorch with --noise-multiplicity")
     if physical_batch_size is not None and physical_batch_size < 1:
         raise BadInput(f"--physical-batch-size {physical_batch_size!r} must be >= 1")
-    if len(images) != plan.dataset_size:
-        raise BadInput(f"plan was made for {plan.dataset_size} images, got {len(images)}")
+    # plan.dataset_size is the DECLARED N (the true size unless --public-size replaced it): it alone
+    # sets q, the steps and the gradient denominator, so the true size is not otherwise released.
     optimizers = {"adam": torch.optim.Adam, "sgd": torch.optim.SGD}
     if optimizer not in optimizers:
         raise BadInput(f"optimizer {optimizer!r} is unknown; choose one of {', '.join(optimizers)}")
@@ -228,6 +228,8 @@ def train_dp(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
                 module=model, optimizer=base_optimizer, data_loader=loader, noise_multiplier=noise_multiplier,
                 max_grad_norm=clip, poisson_sampling=False,  # loader above is already Poisson
                 grad_sample_mode="ghost", criterion=nn.MSELoss())
+        # opacus derives the denominator from len(dataset); the accounted one is the declared N * q.
+        dp_optimizer.expected_batch_size = plan.dataset_size * plan.sample_rate
     else:
         per_example = PerExampleGradients(model, per_sample_loss, grad_sample_mode, k)
         dp_model = per_example.module
