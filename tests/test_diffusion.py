@@ -10,7 +10,7 @@ import yaml
 from prv_accountant import GaussianMechanism, PoissonSubsampledGaussianMechanism, PRVAccountant
 from typer.testing import CliRunner
 
-from dpsynth.central_images import l2_sensitivity, noisy_class_means, noisy_central_images
+from dpsynth.mechanisms.central_images import l2_sensitivity, noisy_class_means, noisy_central_images
 from dpsynth.cli.app import app
 from dpsynth.errors import BadInput
 from dpsynth.methods import METHODS, get_method, parse_arch

@@ -123,7 +123,8 @@ class _BatchMeanGenerator(nn.Module):
 
 def test_finetune_refuses_a_sample_mixing_generator_before_anything_is_written(tmp_path, capsys, monkeypatch):
     from dpsynth.cli.main import main
-    from dpsynth.methods import METHODS, DPCVAE
+    from dpsynth.methods import METHODS
+    from dpsynth.methods.cvae import DPCVAE
 
     class Mixing(DPCVAE):
         name = "test-mixing"

@@ -324,7 +324,7 @@ def test_finetune_efsgd_killed_after_a_checkpoint_resumes_under_its_two_events(t
     import sys
     from pathlib import Path
 
-    from dpsynth.rundir import LOCK, RunDir
+    from dpsynth.pipeline.rundir import LOCK, RunDir
 
     run = tmp_path / "run"
     args = ["finetune", "--sensitive", "digits", "--limit", "200", "--method", "dp-cvae", "--eps", "4",

@@ -19,9 +19,9 @@ from dpsynth.data import load_dataset
 from dpsynth.errors import BadInput, BudgetExhausted
 from dpsynth.privacy.accountant import compose_epsilon
 from dpsynth.privacy.events import GaussianEvent
-from dpsynth.rundir import RunDir
-from dpsynth.stages import evaluate as evaluate_stage
-from dpsynth.stages.common import DataSettings, load_sensitive, open_or_create_run
+from dpsynth.pipeline.rundir import RunDir
+from dpsynth.pipeline import evaluate as evaluate_stage
+from dpsynth.pipeline.common import DataSettings, load_sensitive, open_or_create_run
 
 SETTINGS = dict(sensitive="fashionmnist", public="mnist5k", resolution=8, limit=400, seed=0)
 

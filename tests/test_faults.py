@@ -17,7 +17,7 @@ import yaml
 
 from dpsynth.cli.main import main
 from dpsynth.errors import RunDirError
-from dpsynth.rundir import LOCK, MANIFEST, RunDir
+from dpsynth.pipeline.rundir import LOCK, MANIFEST, RunDir
 
 FAULT = Path(__file__).with_name("fault_inject.py")
 # Full batches (q = 1) keep the accountant's calibration fast; Poisson sampling is not what is tested here.

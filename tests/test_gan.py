@@ -14,10 +14,10 @@ from prv_accountant import GaussianMechanism, PoissonSubsampledGaussianMechanism
 from typer.testing import CliRunner
 
 from dpsynth.cli.app import app
-from dpsynth.gan.dp_gan import (DPGANSchedule, PrivateDiscriminator, clipped_sum_of_grad_samples, fake_loss,
+from dpsynth.methods.gan.dp_gan import (DPGANSchedule, PrivateDiscriminator, clipped_sum_of_grad_samples, fake_loss,
                                 real_loss, train_dp_gan)
-from dpsynth.gan.gs_wgan import applied_noise_multiplier, assign_shards, sanitize, sanitized_generator_step
-from dpsynth.gan.models import ConditionalDiscriminator, ConditionalGenerator, GANConfig
+from dpsynth.methods.gan.gs_wgan import applied_noise_multiplier, assign_shards, sanitize, sanitized_generator_step
+from dpsynth.methods.gan.models import ConditionalDiscriminator, ConditionalGenerator, GANConfig
 from dpsynth.methods import get_method
 from dpsynth.training.dpsgd import PerExampleGradients
 

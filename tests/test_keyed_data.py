@@ -17,7 +17,7 @@ from dpsynth.data import ImageSet, content_digest, load_dataset
 from dpsynth.data.keyed import keyed_members, keyed_tag
 from dpsynth.errors import BadInput
 from dpsynth.privacy.owner_key import KEY_FILE, load_owner_key
-from dpsynth.stages.common import DataSettings, load_sensitive, open_or_create_run
+from dpsynth.pipeline.common import DataSettings, load_sensitive, open_or_create_run
 
 from cli_helpers import snapshot
 

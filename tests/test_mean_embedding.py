@@ -14,14 +14,14 @@ from typer.testing import CliRunner
 from dpsynth.cli.app import app
 from dpsynth.cli.main import main
 from dpsynth.errors import BadInput
-from dpsynth.mean_embedding import methods as me_methods
-from dpsynth.mean_embedding.features import NTKFeatures, RandomFourierFeatures
-from dpsynth.mean_embedding.generator import EmbeddingGenerator, EmbeddingGeneratorConfig
-from dpsynth.mean_embedding.release import exact_sum, noisy_sum, weights
+from dpsynth.methods.mean_embedding import methods as me_methods
+from dpsynth.methods.mean_embedding.features import NTKFeatures, RandomFourierFeatures
+from dpsynth.methods.mean_embedding.generator import EmbeddingGenerator, EmbeddingGeneratorConfig
+from dpsynth.mechanisms.embedding_release import exact_sum, noisy_sum, weights
 from dpsynth.methods import PrivatePlan, get_method
 from dpsynth.privacy.accountant import compose_epsilon, default_delta
 from dpsynth.privacy.events import GaussianEvent, PoissonGaussianEvent
-from dpsynth.stages.finetune import resolve_options
+from dpsynth.pipeline.finetune import resolve_options
 
 DIM = 64  # 1 x 8 x 8 images
 

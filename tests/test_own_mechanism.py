@@ -15,7 +15,8 @@ from prv_accountant import GaussianMechanism, PRVAccountant
 
 from cli_helpers import snapshot
 from dpsynth.cli.main import main
-from dpsynth.methods import METHODS, DPCVAE, PrivatePlan
+from dpsynth.methods import METHODS, PrivatePlan
+from dpsynth.methods.cvae import DPCVAE
 from dpsynth.privacy.accountant import calibrate_gaussian_sigma
 from dpsynth.privacy.events import GaussianEvent
 

@@ -19,7 +19,7 @@ from dpsynth.evaluation.selection import DP_SAFE, NOISY_VAL, TEST_SET, add_noise
 from dpsynth.evaluation.utility import NoisyVal, evaluate_protocols, parse_classifiers, train_with_rules
 from dpsynth.privacy.accountant import compose_epsilon
 from dpsynth.privacy.events import GaussianEvent, LaplaceEvent
-from dpsynth.stages.holdout import charge_event, noisy_val_scale
+from dpsynth.pipeline.holdout import charge_event, noisy_val_scale
 from test_evaluation import AuditedTestSet, quadrant_images
 
 DELTA = 1e-5

@@ -15,7 +15,7 @@ from dpsynth.privacy.accountant import compose_epsilon
 from dpsynth.privacy.events import GaussianEvent
 from dpsynth.reporting import (CLASS_COUNTS_PNG, NOT_EVALUATED, PRIVACY_UTILITY_PNG, collect_results,
                                fid_axis_label, format_table, privacy_utility_figure, write_report)
-from dpsynth.rundir import RunDir
+from dpsynth.pipeline.rundir import RunDir
 
 FEATURES = "querynet(mnist5k,8px,1ch):sha256:0123456789ab"
 
@@ -151,7 +151,7 @@ def test_test_set_selection_is_marked_not_dp(tmp_path, capsys):
 
 def test_artifact_names_match_the_generate_stage():
     from dpsynth import reporting
-    from dpsynth.stages import generate
+    from dpsynth.pipeline import generate
     assert (reporting.SYNTHETIC, reporting.GRID) == (generate.SYNTHETIC, generate.GRID)
 
 

@@ -8,7 +8,7 @@ import yaml
 from dpsynth.errors import IntegrityError, RunDirError
 from dpsynth.privacy.accountant import compose_epsilon
 from dpsynth.privacy.events import GaussianEvent
-from dpsynth.rundir import MANIFEST, RunDir, atomic_write_bytes
+from dpsynth.pipeline.rundir import MANIFEST, RunDir, atomic_write_bytes
 
 
 def new_run(tmp_path) -> RunDir:

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from dpsynth.errors import BadInput
-from dpsynth.semantic_query import add_gaussian_noise, select_public_classes, semantic_histogram
+from dpsynth.mechanisms.semantic_query import add_gaussian_noise, select_public_classes, semantic_histogram
 
 
 def test_histogram_counts_rows_by_sensitive_class():

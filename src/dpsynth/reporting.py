@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 
 from .errors import BadInput, RunDirError
-from .rundir import MANIFEST, RunDir, atomic_write_bytes
+from .pipeline.rundir import MANIFEST, RunDir, atomic_write_bytes
 
 # Same names as dpsynth.stages.generate (not imported from there: that module pulls in torch).
 SYNTHETIC = "synthetic.npz"

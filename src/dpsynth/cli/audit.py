@@ -6,7 +6,7 @@ from typing import Optional
 
 import typer
 
-from ..rundir import atomic_write_bytes
+from ..pipeline.rundir import atomic_write_bytes
 from .common import JsonOpt, QuietOpt, emit, err, progress_bars
 
 WORDING = ("statistical lower bound ({confidence:.0%} confidence) at the claimed delta, not a proof of privacy; "

@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from ..rundir import DEFAULT_RUN
+from ..pipeline.rundir import DEFAULT_RUN
 
 out = Console()
 err = Console(stderr=True)
@@ -92,7 +92,7 @@ def new_run_settings(sensitive, public, resolution, channels, limit, seed, data_
                      noisy_val_eps=None, public_size=None):
     """Data settings for a run this command may create; None when --sensitive is absent
     (the command then works on an existing run and takes its recorded settings)."""
-    from ..stages.common import DataSettings
+    from ..pipeline.common import DataSettings
 
     if not sensitive:
         if holdout or noisy_val_eps is not None or public_size is not None:

@@ -4,7 +4,7 @@ from typing import Optional
 
 import typer
 
-from ..stages.evaluate import run_evaluate
+from ..pipeline.evaluate import run_evaluate
 from .common import JsonOpt, QuietOpt, RunOpt, emit, progress_bars
 
 

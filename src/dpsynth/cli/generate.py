@@ -4,7 +4,7 @@ from typing import Optional
 
 import typer
 
-from ..stages.generate import run_generate
+from ..pipeline.generate import run_generate
 from .common import DeviceOpt, JsonOpt, QuietOpt, RunOpt, emit, progress_bars
 
 

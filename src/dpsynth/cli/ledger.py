@@ -4,7 +4,7 @@ import typer
 from rich.table import Table
 
 from ..privacy.accountant import compose_epsilon, rdp_epsilon
-from ..rundir import RunDir
+from ..pipeline.rundir import RunDir
 from .common import JsonOpt, RunOpt, emit, out
 
 

@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _print_notices() -> None:
     # One-time messages from the library (e.g. a legacy manifest migrated), said once, on stderr.
-    from ..stages.common import NOTICES
+    from ..pipeline.common import NOTICES
 
     for notice in dict.fromkeys(NOTICES):
         sys.stderr.write(f"note: {notice}\n")

@@ -4,7 +4,7 @@ from typing import Optional
 
 import typer
 
-from ..stages.pretrain import run_pretrain
+from ..pipeline.pretrain import run_pretrain
 from .common import (PublicSizeOpt, ArchOpt, ChannelsOpt, DataRootOpt, DeltaOpt, DeviceOpt, HoldoutOpt, JsonOpt, LimitOpt, MethodOpt,
                      NoisyValEpsOpt, PublicOpt, QuietOpt, ResolutionOpt, RunOpt, SeedOpt, SensitiveOpt, emit,
                      new_run_settings, progress_bars)

@@ -4,7 +4,7 @@ from typing import Optional
 
 import typer
 
-from ..stages.select_public import run_select_public
+from ..pipeline.select_public import run_select_public
 from .common import (PublicSizeOpt, ChannelsOpt, DataRootOpt, DeltaOpt, HoldoutOpt, NoisyValEpsOpt, JsonOpt, LimitOpt, MethodOpt, QuietOpt, ResolutionOpt,
                      RunOpt, SeedOpt, emit, new_run_settings, progress_bars)
 

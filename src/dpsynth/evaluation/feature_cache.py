@@ -60,7 +60,7 @@ class FeatureCache:
         self.directory.mkdir(parents=True, exist_ok=True)
         buffer = io.BytesIO()
         np.save(buffer, value, allow_pickle=False)
-        from dpsynth.rundir import atomic_write_bytes  # temp file + rename: a crash never leaves half a file
+        from dpsynth.pipeline.rundir import atomic_write_bytes  # temp file + rename: a crash never leaves half a file
 
         atomic_write_bytes(path, buffer.getvalue())
         return value

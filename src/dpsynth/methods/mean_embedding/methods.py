@@ -27,13 +27,14 @@ from typing import Any, ClassVar
 
 import torch
 
-from ..errors import BadInput
-from ..methods import Method, PrivatePlan, register_method
-from ..privacy.accountant import calibrate_gaussian_sigma, calibrate_noise_multiplier
-from ..privacy.events import GaussianEvent, PoissonGaussianEvent
+from ...errors import BadInput
+from ..base import Method, PrivatePlan
+from ..registry import register_method
+from ...privacy.accountant import calibrate_gaussian_sigma, calibrate_noise_multiplier
+from ...privacy.events import GaussianEvent, PoissonGaussianEvent
 from .features import FeatureMap, NTKFeatures, RandomFourierFeatures
 from .generator import EmbeddingGenerator, EmbeddingGeneratorConfig
-from .release import class_proportions, flatten_images, noisy_sum, weights
+from ...mechanisms.embedding_release import class_proportions, flatten_images, noisy_sum, weights
 
 STAGE = "finetune"
 SENSITIVITY_NOTE = "L2 sensitivity 1: each image adds (a*phi(x) (x) onehot(y), b*onehot(y)), a^2+b^2<1, ||phi||<=1"

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import BadInput
-from .features import FeatureMap
+from ..methods.mean_embedding.features import FeatureMap
 
 MARGIN = 1.0 - 1e-6
 

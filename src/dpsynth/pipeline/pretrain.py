@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..central_images import central_sample_rate, noisy_central_images
+from ..mechanisms.central_images import central_sample_rate, noisy_central_images
 from ..errors import BadInput
 from ..methods import get_method, parse_arch
 from ..privacy.accountant import compose_epsilon

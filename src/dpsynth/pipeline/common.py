@@ -18,7 +18,7 @@ from ..errors import BadInput, RunDirError
 from ..methods import get_method
 from ..privacy.accountant import check_delta, compose_epsilon, default_delta
 from ..privacy.owner_key import OwnerKey, check_outside, load_owner_key
-from ..rundir import RunDir
+from .rundir import RunDir
 from .holdout import check_holdout, holdout_record, reservation_event, split_off
 
 # progress(phase, done, total); the CLI draws rich bars from it, the library never prints.

@@ -13,7 +13,7 @@ from ..methods import get_method
 from ..models.query_net import predict_topk
 from ..privacy.accountant import calibrate_gaussian_sigma, compose_epsilon, epsilon_upper
 from ..privacy.events import GaussianEvent
-from ..semantic_query import add_gaussian_noise, select_public_classes, semantic_histogram
+from ..mechanisms.semantic_query import add_gaussian_noise, select_public_classes, semantic_histogram
 from .common import (DataSettings, Progress, check_positive, dataset_record, load_public, no_progress,
                      open_or_create_run, settings_from_run)
 from .query_cache import query_net_for

@@ -10,7 +10,7 @@ import torch
 from ..errors import BadInput, Interrupted
 from ..methods import get_method, parse_arch
 from ..privacy.accountant import compose_epsilon
-from ..rundir import now
+from .rundir import now
 from ..training.checkpoint import stop_on_sigint
 from ..training.device import resolve_device
 from ..training.dp_guards import check_per_sample_gradients
@@ -19,7 +19,7 @@ from ..training.private_optimizer import (PRIVATE_OPTIMIZERS, calibrate_private_
                                           private_optimizer_events, resolve_feedback_clip)
 from ..training.dpsgd import (GRAD_SAMPLE_MODES, DPSGDPlan, ExponentialMovingAverage, check_dp_compatible,
                               check_secure_available, train_dp)
-from . import finetune_checkpoints as checkpoints
+from . import checkpoints
 from .common import (DataSettings, Progress, check_positive, declared_size, no_progress, open_or_create_run, torch_bytes,
                      torch_load_bytes)
 from .pretrain import PRETRAINED, STAGE as PRETRAIN_STAGE

@@ -42,7 +42,7 @@ import secrets
 import torch
 from torch import nn
 
-from ..errors import BadInput
+from ...errors import BadInput
 from .models import ConditionalDiscriminator, ConditionalGenerator, to_unit
 
 
@@ -110,7 +110,7 @@ def train_gs_wgan(generator: ConditionalGenerator, images: torch.Tensor, labels:
                   eps_weight: float, ema: float | None = None, device=None, progress=None,
                   shard_generator: torch.Generator | None = None) -> tuple[ConditionalGenerator, dict]:
     """Exactly `iterations` sanitized generator steps; returns (generator, counters)."""
-    from ..training.dpsgd import ExponentialMovingAverage
+    from ...training.dpsgd import ExponentialMovingAverage
 
     device = device or torch.device("cpu")
     generator.to(device).train()

@@ -10,7 +10,7 @@ import torch
 
 from ..data import ImageSet, content_digest
 from ..models.query_net import QueryNet, train_query_net
-from ..rundir import atomic_write_bytes
+from .rundir import atomic_write_bytes
 from .common import Progress, cache_dir, no_progress, torch_bytes, torch_load_bytes
 
 QUERY_EPOCHS = 5

@@ -10,12 +10,13 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any
 
-from ..errors import BadInput
-from ..methods import Method, PrivatePlan, register_method
-from ..privacy.accountant import calibrate_noise_multiplier
-from ..privacy.events import PoissonGaussianEvent
-from ..training.efsgd import applied_noise_std
-from ..training.private_optimizer import (calibrate_private_optimizer, private_optimizer_events,
+from ...errors import BadInput
+from ..base import Method, PrivatePlan
+from ..registry import register_method
+from ...privacy.accountant import calibrate_noise_multiplier
+from ...privacy.events import PoissonGaussianEvent
+from ...training.efsgd import applied_noise_std
+from ...training.private_optimizer import (calibrate_private_optimizer, private_optimizer_events,
                                           resolve_feedback_clip)
 from .dp_gan import DPGANSchedule, train_dp_gan
 from .gs_wgan import applied_noise_multiplier, train_gs_wgan

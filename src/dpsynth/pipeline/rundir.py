@@ -24,11 +24,11 @@ from typing import Any, Callable, Iterator
 
 import yaml
 
-from . import __version__
-from .errors import BadInput, IntegrityError, RunDirError, StorageError
-from .privacy.events import SCHEMA_VERSION as EVENT_SCHEMA_VERSION
-from .privacy.events import PrivacyEvent, event_from_dict
-from .privacy.accountant import EpsilonBounds
+from .. import __version__
+from ..errors import BadInput, IntegrityError, RunDirError, StorageError
+from ..privacy.events import SCHEMA_VERSION as EVENT_SCHEMA_VERSION
+from ..privacy.events import PrivacyEvent, event_from_dict
+from ..privacy.accountant import EpsilonBounds
 
 MANIFEST = "manifest.yaml"
 LOCK = ".lock"

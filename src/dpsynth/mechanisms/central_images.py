@@ -18,7 +18,7 @@ import secrets
 import torch
 import torch.nn.functional as F
 
-from .errors import BadInput
+from ..errors import BadInput
 
 
 def central_sample_rate(dataset_size: int, batch_size: int = 6000) -> float:

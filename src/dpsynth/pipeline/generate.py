@@ -15,7 +15,7 @@ from ..methods import get_method
 from ..training.device import resolve_device
 from .common import Progress, check_positive, no_progress, torch_load_bytes
 from .finetune import GENERATOR, STAGE as FINETUNE_STAGE
-from ..rundir import RunDir
+from .rundir import RunDir
 
 STAGE = "generate"
 SYNTHETIC = "synthetic.npz"

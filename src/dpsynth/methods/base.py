@@ -1,4 +1,4 @@
-"""Method registry: a name -> method class dict, one constructor shape for all.
+"""The method base class: one constructor shape for all methods.
 
 A method says which stages it uses, builds its generator from an architecture dict
 (`--arch`), gives the defaults of its DP fine-tuning, computes the per-sample loss and
@@ -22,9 +22,8 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from .errors import BadInput
-from .models.cvae import ConditionalVAE, CVAEConfig
-from .models.edm import EDMConfig, EDMDiffusion
+from ..errors import BadInput
+from ..models.cvae import ConditionalVAE, CVAEConfig
 
 DATA_KEYS = ("resolution", "channels", "num_classes")  # set by the data, never by --arch
 
@@ -61,10 +60,6 @@ class Method:
     @property
     def uses_pretrain_stage(self) -> bool:
         return self.uses_pretraining or self.uses_central_warmup
-
-    def stage_defaults(self, stage: str) -> dict[str, Any]:
-        return {"finetune": self.finetune_defaults, "pretrain": self.pretrain_defaults,
-                "generate": self.sample_defaults}.get(stage, {})
 
     def build_generator(self, resolution: int, channels: int, num_classes: int) -> nn.Module:
         try:
@@ -107,95 +102,6 @@ class PrivatePlan:
     settings: dict
 
 
-class CVAEMethod(Method):
-    """Shared by the conditional-VAE methods: fast on a CPU, one loss, one decoder pass."""
-
-    config_class, model_class = CVAEConfig, ConditionalVAE
-
-    @staticmethod
-    def per_sample_loss(model, x, y):
-        return model(x.float() / 255.0 if x.dtype == torch.uint8 else x, y)
-
-
-class PrivImageCVAE(CVAEMethod):
-    name = "privimage-cvae"
-    description = "semantic query + public pretraining + DP-SGD on a conditional VAE (CPU default)"
-    uses_public_selection = uses_pretraining = True
-
-
-class DPCVAE(CVAEMethod):
-    name = "dp-cvae"
-    description = "DP-SGD on a conditional VAE, no public data"
-
-
-class PDPCVAE(CVAEMethod):
-    name = "pdp-cvae"
-    description = "public pretraining on the whole public set + DP-SGD on a conditional VAE"
-    uses_pretraining = True
-
-
-class DiffusionMethod(Method):
-    """The EDM diffusion family (DPDM, PDP-Diffusion, PrivImage, DP-FETA) on one U-Net.
-
-    Defaults follow DPImageBench's configs for these methods (configs/<method>/
-    fmnist_28_eps10.0.yaml): Adam 3e-4, clip 1e-3 (DPDM's small clipping norm), EMA 0.999,
-    logical batch 4096; noise multiplicity 8 as PrivImage's paper (DPImageBench's configs
-    use 32). Epochs default to a CPU-sized 2; recipes set the published 150.
-    """
-
-    config_class, model_class = EDMConfig, EDMDiffusion
-    finetune_defaults = {"epochs": 2, "batch_size": 4096, "clip": 1e-3, "lr": 3e-4, "grad_sample_mode": "vmap",
-                         "noise_multiplicity": 8, "physical_batch_size": 64, "ema": 0.999, "optimizer": "dpsgd",
-                         "feedback_clip": None, "train_opts": {}}
-    pretrain_defaults = {"epochs": 25, "batch_size": 64, "lr": 3e-4}
-    sample_defaults = {"steps": 18, "guidance": 0.0}
-
-
-class DPDM(DiffusionMethod):
-    name = "dpdm"
-    description = "DPDM: DP-SGD on an EDM diffusion model from scratch (no public data)"
-
-
-class PDPDiffusion(DiffusionMethod):
-    name = "pdp-diffusion"
-    description = "PDP-Diffusion: pretrain on the whole public set, then DP-SGD"
-    uses_pretraining = True
-
-
-class PrivImage(DiffusionMethod):
-    name = "privimage"
-    description = "PrivImage: semantic query, pretrain on the selected public subset, then DP-SGD"
-    uses_public_selection = uses_pretraining = True
-
-
-class DPFETA(DiffusionMethod):
-    name = "dp-feta"
-    description = "DP-FETA: warm-up on DP central images (noisy class means), then DP-SGD"
-    uses_central_warmup = True
-    # DP-FETA's warm-up: 2000 steps of batch 50 on 50 central images, Adam 3e-4.
-    pretrain_defaults = {"epochs": 2000, "batch_size": 50, "lr": 3e-4}
-
-
-METHODS: dict[str, type[Method]] = {}
-
-
-def register_method(cls: type[Method]) -> None:
-    if not cls.name or cls.name in METHODS:
-        raise ValueError(f"method {cls.name!r} is unnamed or already registered")
-    METHODS[cls.name] = cls
-
-
-for _cls in (PrivImageCVAE, DPCVAE, PDPCVAE, DPDM, PDPDiffusion, PrivImage, DPFETA):
-    register_method(_cls)
-
-
-def get_method(name: str, arch: dict | None = None) -> Method:
-    cls = METHODS.get(name)
-    if cls is None:
-        raise BadInput(f"unknown method {name!r}; choose one of: {', '.join(sorted(METHODS))}")
-    return cls(arch)
-
-
 def parse_arch(text: str | dict | None, flag: str = "--arch") -> dict:
     """--arch as JSON ('{"width": 16, "ch_mult": [2, 2]}') or k=v pairs ('width=16,ch_mult=2:2')."""
     if text is None or isinstance(text, dict):
@@ -229,5 +135,3 @@ def _scalar_or_list(raw: str) -> Any:
         except ValueError:
             pass
     return raw
-from .mean_embedding import methods as _mean_embedding  # noqa: E402,F401  registers dp-merf, dp-ntk, dp-kernel
-from .gan import methods as _gan  # noqa: E402,F401  registers dp-gan, gs-wgan, efsgd-gan

@@ -15,7 +15,7 @@ import secrets
 import numpy as np
 import torch
 
-from .errors import BadInput
+from ..errors import BadInput
 
 
 def semantic_histogram(topk: torch.Tensor, sensitive_labels: torch.Tensor | None, num_rows: int,

@@ -41,10 +41,10 @@ from opacus.data_loader import DPDataLoader
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from ..errors import BadInput
-from ..training.dp_guards import check_poisson_sampler
-from ..training.dpsgd import DPSGDPlan, ExponentialMovingAverage, PerExampleGradients, check_dp_compatible
-from ..training.private_optimizer import make_private_optimizer
+from ...errors import BadInput
+from ...training.dp_guards import check_poisson_sampler
+from ...training.dpsgd import DPSGDPlan, ExponentialMovingAverage, PerExampleGradients, check_dp_compatible
+from ...training.private_optimizer import make_private_optimizer
 from .models import ConditionalDiscriminator, ConditionalGenerator, to_unit
 
 

@@ -24,7 +24,7 @@ import math
 
 import torch
 
-from ..errors import BadInput
+from ...errors import BadInput
 
 
 class FeatureMap:

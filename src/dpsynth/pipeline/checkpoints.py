@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from ..errors import BadInput, IntegrityError, Interrupted
 from ..privacy.events import PoissonGaussianEvent
-from ..rundir import RunDir
+from .rundir import RunDir
 from .common import torch_bytes, torch_load_bytes
 
 PREFIX = "checkpoint-"

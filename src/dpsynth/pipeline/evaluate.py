@@ -32,7 +32,7 @@ from ..evaluation.selection import DP_SAFE, NOISES, NOISY_VAL, PROTOCOLS, TEST_S
 from ..evaluation.utility import NoisyVal, evaluate_protocols, parse_classifiers
 from ..privacy.accountant import compose_epsilon
 from ..privacy.events import event_from_dict
-from ..rundir import RunDir, now
+from .rundir import RunDir, now
 from .common import (Progress, cache_dir, check_positive, check_same_data, load_holdout, load_sensitive,
                      no_progress, settings_from_run)
 from .generate import STAGE as GENERATE_STAGE, SYNTHETIC
