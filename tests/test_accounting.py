@@ -8,8 +8,8 @@ from scipy.optimize import brentq
 from scipy.stats import norm
 
 from dpsynth.errors import BadInput, BudgetExhausted
-from dpsynth.privacy.accountant import (calibrate_noise_multiplier, compose_epsilon, default_delta, epsilon_upper,
-                                        rdp_epsilon)
+from dpsynth.privacy.accountant import compose_epsilon, default_delta, epsilon_upper, rdp_epsilon
+from dpsynth.privacy.calibration import calibrate_sigma
 from dpsynth.privacy.events import GaussianEvent, LaplaceEvent, PoissonGaussianEvent, event_from_dict
 
 
@@ -67,7 +67,7 @@ def test_calibration_never_exceeds_target_and_is_nearly_tight():
     spent = [GaussianEvent("select-public", 5.0)]
     delta, q, steps = 1e-5, 0.02, 300
     for target in (1.0, 4.0):
-        sigma = calibrate_noise_multiplier(spent, target, delta, sample_rate=q, steps=steps)
+        sigma = calibrate_sigma(spent, target, delta, lambda s: [PoissonGaussianEvent("f", s, q, steps)])
         achieved = epsilon_upper([*spent, PoissonGaussianEvent("f", sigma, q, steps)], delta)
         assert achieved <= target
         looser = epsilon_upper([*spent, PoissonGaussianEvent("f", sigma * 0.98, q, steps)], delta)
@@ -78,7 +78,7 @@ def test_calibration_refuses_when_budget_already_spent():
     spent = [GaussianEvent("select-public", 0.5)]
     already = epsilon_upper(spent, 1e-5)
     with pytest.raises(BudgetExhausted, match="already spent"):
-        calibrate_noise_multiplier(spent, already * 0.9, 1e-5, sample_rate=0.01, steps=10)
+        calibrate_sigma(spent, already * 0.9, 1e-5, lambda s: [PoissonGaussianEvent("f", s, 0.01, 10)])
 
 
 @pytest.mark.parametrize("bad", [

@@ -15,7 +15,8 @@ from cli_helpers import snapshot
 from dpsynth.cli.main import main
 from dpsynth.errors import BadInput
 from dpsynth.training.dpsgd import DPSGDPlan, train_dp
-from dpsynth.training.efsgd import ERROR_KEY, EFSGDOptimizer, efsgd_events
+from dpsynth.privacy.plans import private_optimizer_events
+from dpsynth.training.efsgd import ERROR_KEY, EFSGDOptimizer
 from dpsynth.training.private_optimizer import make_private_optimizer
 
 
@@ -204,7 +205,7 @@ def test_error_state_survives_checkpoint_and_resume():
 
 
 def test_efsgd_events_cover_both_halves_of_the_noise():
-    events = efsgd_events("finetune", noise_multiplier=1.5, sample_rate=0.1, steps=30, clip=2.0, feedback_clip=0.25)
+    events = private_optimizer_events("efsgd", "finetune", noise_multiplier=1.5, sample_rate=0.1, steps=30, clip=2.0, feedback_clip=0.25)
     gaussian, poisson = events
     assert (gaussian.mechanism, poisson.mechanism) == ("gaussian", "poisson_gaussian")
     # Half the variance (std sigma*C1) for each: sensitivities 2*C2 and C1.
@@ -310,7 +311,7 @@ def test_feedback_is_not_covered_by_a_subsampled_event_but_is_by_ours():
     assert violation(dicesgd_std, eps_subsampled) > 0.2  # the subsampled claim is false here
 
     # Our ledger for sigma = 20: both events, composed by prv-accountant directly.
-    ours = efsgd_events("finetune", noise_multiplier=20.0, sample_rate=q, steps=steps, clip=c1, feedback_clip=c2)
+    ours = private_optimizer_events("efsgd", "finetune", noise_multiplier=20.0, sample_rate=q, steps=steps, clip=c1, feedback_clip=c2)
     acc = PRVAccountant(prvs=[GaussianMechanism(ours[0].noise_multiplier),
                               PoissonSubsampledGaussianMechanism(q, 20.0)],
                         max_self_compositions=[steps, steps], eps_error=0.01, delta_error=delta / 1000)

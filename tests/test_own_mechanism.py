@@ -17,7 +17,7 @@ from cli_helpers import snapshot
 from dpsynth.cli.main import main
 from dpsynth.methods import METHODS, PrivatePlan
 from dpsynth.methods.cvae import DPCVAE
-from dpsynth.privacy.accountant import calibrate_gaussian_sigma
+from dpsynth.privacy.plans import gaussian_release_sigma
 from dpsynth.privacy.events import GaussianEvent
 
 SEEN: dict = {}
@@ -33,7 +33,7 @@ class NoisyMeanCVAE(DPCVAE):
     finetune_defaults = {"epochs": 1, "train_opts": {"fail": 0}}
 
     def plan_private(self, *, dataset_size, opts, spent, eps, delta):
-        sigma = calibrate_gaussian_sigma(spent, eps, delta, stage="finetune")
+        sigma = gaussian_release_sigma(spent, eps, delta, stage="finetune")
         return PrivatePlan(events=(GaussianEvent(stage="finetune", noise_multiplier=sigma),),
                            settings={"noise_multiplier": sigma})
 

@@ -15,11 +15,12 @@ from prv_accountant import GaussianMechanism, LaplaceMechanism, PRVAccountant
 
 from dpsynth.errors import BadInput
 from dpsynth.evaluation.classifiers import published_options
-from dpsynth.evaluation.selection import DP_SAFE, NOISY_VAL, TEST_SET, add_noise, best_epoch, noisy_scores
+from dpsynth.evaluation.selection import DP_SAFE, NOISY_VAL, TEST_SET, best_epoch
+from dpsynth.mechanisms.noisy_val import add_noise, noisy_scores
 from dpsynth.evaluation.utility import NoisyVal, evaluate_protocols, parse_classifiers, train_with_rules
 from dpsynth.privacy.accountant import compose_epsilon
 from dpsynth.privacy.events import GaussianEvent, LaplaceEvent
-from dpsynth.pipeline.holdout import charge_event, noisy_val_scale
+from dpsynth.mechanisms.noisy_val import charge_event, noisy_val_scale
 from test_evaluation import AuditedTestSet, quadrant_images
 
 DELTA = 1e-5

@@ -21,9 +21,7 @@ import pandas as pd
 from .errors import BadInput, RunDirError
 from .pipeline.rundir import MANIFEST, RunDir, atomic_write_bytes
 
-# Same names as dpsynth.stages.generate (not imported from there: that module pulls in torch).
-SYNTHETIC = "synthetic.npz"
-GRID = "samples.png"
+from .pipeline.names import GRID, SYNTHETIC
 
 # Fidelity columns say which features they come from: "_domain" (a named public-trained network)
 # or "_inception" (clean-fid's Inception-v3); feature_network names the exact network either way.

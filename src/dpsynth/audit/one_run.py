@@ -21,7 +21,8 @@ import torch
 from torch import nn
 
 from ..errors import BadInput
-from ..privacy.accountant import calibrate_noise_multiplier, compose_epsilon
+from ..privacy.accountant import compose_epsilon
+from ..privacy.plans import calibrate_private_optimizer
 from ..privacy.events import PoissonGaussianEvent
 from ..training.dpsgd import DPSGDPlan, train_dp
 from .bound import best_guess, default_ks, one_run_p_value
@@ -133,8 +134,8 @@ def run_audit(config: AuditConfig, progress=None) -> AuditResult:
 
     # Canaries count as records: q and the calibration see the dataset they are part of.
     plan = DPSGDPlan(dataset_size=len(images), batch_size=config.batch_size, epochs=config.epochs)
-    sigma = calibrate_noise_multiplier([], config.claimed_epsilon, config.delta, sample_rate=plan.sample_rate,
-                                       steps=plan.steps, stage="audit")
+    sigma = calibrate_private_optimizer("dpsgd", [], config.claimed_epsilon, config.delta,
+                                        sample_rate=plan.sample_rate, steps=plan.steps, stage="audit")
     claimed = compose_epsilon([PoissonGaussianEvent("audit", sigma, plan.sample_rate, plan.steps)], config.delta)
     torch.manual_seed(config.seed)
     model = CanaryLinear(real_dim, m)

@@ -15,7 +15,6 @@ Every rule picks the first epoch with the highest score.
 
 from __future__ import annotations
 
-import secrets
 from typing import Sequence
 
 import numpy as np
@@ -26,7 +25,6 @@ DP_SAFE = "dp-safe-selection"
 NOISY_VAL = "noisy-val"
 TEST_SET = "test-set-selection"
 PROTOCOLS = (DP_SAFE, NOISY_VAL, TEST_SET)
-NOISES = ("laplace", "gaussian")
 
 
 def is_dp_safe(protocol: str) -> bool:
@@ -46,26 +44,3 @@ def best_epoch(scores: Sequence[float]) -> int:
     if not np.isfinite(values).all():
         raise BadInput("per-epoch selection scores must be finite")
     return int(np.argmax(values)) + 1
-
-
-def noise_rng(seed: int | None = None) -> np.random.Generator:
-    """DP noise must be unpredictable: OS entropy unless a test passes a seed."""
-    return np.random.default_rng(secrets.randbits(128) if seed is None else seed)
-
-
-def add_noise(count: float, noise: str, scale: float, rng: np.random.Generator) -> float:
-    """`count` + Laplace(scale) or + N(0, scale^2): one noisy holdout count."""
-    if noise not in NOISES:
-        raise BadInput(f"--val-noise {noise!r} is unknown; choose one of {', '.join(NOISES)}")
-    if not (np.isfinite(scale) and scale > 0):
-        raise BadInput(f"noise scale {scale!r} must be a finite number > 0")
-    draw = rng.laplace(0.0, scale) if noise == "laplace" else rng.normal(0.0, scale)
-    return float(count + draw)
-
-
-def noisy_scores(correct_counts: Sequence[int], holdout_size: int, noise: str, scale: float,
-                 rng: np.random.Generator) -> list[float]:
-    """Noisy holdout accuracies (noisy count / size) of a sequence of epochs."""
-    if holdout_size < 1:
-        raise BadInput(f"the sensitive hold-out is empty; noisy-val needs at least one image")
-    return [add_noise(c, noise, scale, rng) / holdout_size for c in correct_counts]

@@ -25,8 +25,8 @@ from torch.utils.data import DataLoader, Dataset
 from dpsynth.errors import BadInput
 from dpsynth.evaluation.checks import check_images, check_label_values, check_labels
 from dpsynth.evaluation.classifiers import build_classifier, classifier_names, published_options
-from dpsynth.evaluation.selection import (DP_SAFE, NOISY_VAL, PROTOCOLS, TEST_SET, add_noise, best_epoch,
-                                          check_protocol, is_dp_safe)
+from dpsynth.evaluation.selection import DP_SAFE, NOISY_VAL, PROTOCOLS, TEST_SET, best_epoch, check_protocol, is_dp_safe
+from dpsynth.mechanisms.noisy_val import add_noise
 from dpsynth.evaluation.splits import stratified_split
 
 Progress = Callable[[str, int, int], None]

@@ -13,12 +13,12 @@ sigma, and `queries` of them are one PoissonGaussianEvent(sigma, q, steps=querie
 from __future__ import annotations
 
 import math
-import secrets
 
 import torch
 import torch.nn.functional as F
 
 from ..errors import BadInput
+from .secret_noise import secret_generator
 
 
 def central_sample_rate(dataset_size: int, batch_size: int = 6000) -> float:
@@ -62,7 +62,7 @@ def noisy_central_images(images: torch.Tensor, labels: torch.Tensor | None, num_
     if queries < 1:
         raise BadInput(f"central-image --queries {queries!r} must be >= 1")
     if generator is None:
-        generator = torch.Generator().manual_seed(secrets.randbits(63))
+        generator = secret_generator()
     n, c, h, w = images.shape
     rows = num_classes if labels is not None else 1
     row_of = labels.long() if labels is not None else torch.zeros(n, dtype=torch.long)

@@ -10,12 +10,12 @@ std sigma * sqrt(k) is the Gaussian mechanism with noise multiplier sigma.
 from __future__ import annotations
 
 import math
-import secrets
 
 import numpy as np
 import torch
 
 from ..errors import BadInput
+from .secret_noise import secret_numpy_rng
 
 
 def semantic_histogram(topk: torch.Tensor, sensitive_labels: torch.Tensor | None, num_rows: int,
@@ -39,7 +39,7 @@ def add_gaussian_noise(hist: np.ndarray, noise_multiplier: float, top_k: int,
                        rng: np.random.Generator | None = None) -> np.ndarray:
     """hist + N(0, (sigma * sqrt(k))^2). The default rng is seeded from OS entropy: DP noise
     must never be reproducible from the run's recorded seed."""
-    rng = rng if rng is not None else np.random.default_rng(secrets.randbits(128))
+    rng = rng if rng is not None else secret_numpy_rng()
     return hist + rng.normal(0.0, noise_multiplier * l2_sensitivity(top_k), size=hist.shape)
 
 

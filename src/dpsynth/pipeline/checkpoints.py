@@ -16,9 +16,10 @@ from __future__ import annotations
 from ..errors import BadInput, IntegrityError, Interrupted
 from ..privacy.events import PoissonGaussianEvent
 from .rundir import RunDir
+from .names import CHECKPOINT_PREFIX
 from .common import torch_bytes, torch_load_bytes
 
-PREFIX = "checkpoint-"
+PREFIX = CHECKPOINT_PREFIX
 RESUMABLE = ("running", "failed", "interrupted")
 
 

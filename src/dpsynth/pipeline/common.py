@@ -19,7 +19,8 @@ from ..methods import get_method
 from ..privacy.accountant import check_delta, compose_epsilon, default_delta
 from ..privacy.owner_key import OwnerKey, check_outside, load_owner_key
 from .rundir import RunDir
-from .holdout import check_holdout, holdout_record, reservation_event, split_off
+from ..mechanisms.noisy_val import reservation_event
+from .holdout import check_holdout, holdout_record, split_off
 
 # progress(phase, done, total); the CLI draws rich bars from it, the library never prints.
 Progress = Callable[[str, int, int], None]
@@ -132,6 +133,13 @@ def dataset_record(images: ImageSet, key: OwnerKey, declared_size: int, size_bas
     return {"name": images.name, "split": images.split, "size": int(declared_size), "size_basis": size_basis,
             "num_classes": int(images.num_classes), "resolution": int(h), "channels": int(c),
             "tag": keyed_tag(images, key), "key_id": key.key_id, "source": images.source}
+
+
+def public_record(images: ImageSet) -> dict:
+    """A PUBLIC dataset's record: a plain content digest is fine here (nothing private to hide)."""
+    n, c, h, _ = images.images.shape
+    return {"name": images.name, "split": images.split, "size": int(n), "num_classes": int(images.num_classes),
+            "resolution": int(h), "channels": int(c), "sha256": content_digest(images), "source": images.source}
 
 
 def privacy_assumptions(size_basis: str) -> dict:

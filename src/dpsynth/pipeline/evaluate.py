@@ -28,19 +28,18 @@ from ..evaluation.fidelity import (INCEPTION, extract_features, extract_probabil
 from ..evaluation.fld import fld
 from ..evaluation.inception_score import inception_score
 from ..evaluation.manifold import precision_recall
-from ..evaluation.selection import DP_SAFE, NOISES, NOISY_VAL, PROTOCOLS, TEST_SET, check_protocol, noise_rng
+from ..evaluation.selection import DP_SAFE, NOISY_VAL, PROTOCOLS, TEST_SET, check_protocol
+from ..mechanisms.noisy_val import charge_event, check_noise, noise_rng, noisy_val_scale
 from ..evaluation.utility import NoisyVal, evaluate_protocols, parse_classifiers
 from ..privacy.accountant import compose_epsilon
 from ..privacy.events import event_from_dict
 from .rundir import RunDir, now
 from .common import (Progress, cache_dir, check_positive, check_same_data, load_holdout, load_sensitive,
                      no_progress, settings_from_run)
-from .generate import STAGE as GENERATE_STAGE, SYNTHETIC
-from .holdout import charge_event, noisy_val_scale
+from .lifecycle import stage_run
+from .names import EVALUATE as STAGE, GENERATE as GENERATE_STAGE, RESULTS_CSV, SYNTHETIC
 from .query_cache import query_net_for
 
-STAGE = "evaluate"
-RESULTS_CSV = "results.csv"
 DEFAULT_FEATURE_PUBLIC = "mnist5k"
 RESERVED = "(reserved at run creation)"
 IMAGE_REWARD_UNAVAILABLE = ("unavailable: ImageReward needs its reward model (ImageReward-v1.0) and BLIP/BERT "
@@ -61,8 +60,7 @@ def run_evaluate(run_path: str | Path, *, protocol: str = DP_SAFE, classifier: s
     check_positive("--epochs", epochs, integer=True)
     check_positive("--fid-max-real", fid_max_real, integer=True)
     check_positive("--batch-size", batch_size, integer=True)
-    if val_noise not in NOISES:
-        raise BadInput(f"--val-noise {val_noise!r} is unknown; choose one of {', '.join(NOISES)}")
+    check_noise(val_noise)
     if val_eps is not None:
         check_positive("--val-eps", val_eps)
     classifiers = parse_classifiers(classifier)
@@ -105,26 +103,20 @@ def run_evaluate(run_path: str | Path, *, protocol: str = DP_SAFE, classifier: s
 
     config = {"protocols": protocols, "classifiers": classifiers, "epochs": epochs, "batch_size": batch_size,
               "feature_network": features.name, "val_noise": plan["noise"] if plan else None}
-    with run.lock():
-        run.begin_stage(STAGE, config, inputs=[SYNTHETIC])
-        try:
-            noisy = _charge(run, plan, holdout) if plan else None  # write-ahead: before any noisy count exists
-            utilities = evaluate_protocols(fake_images, fake_labels, load_test, sens["num_classes"],
-                                           protocols=protocols, classifiers=classifiers, noisy_val=noisy,
-                                           epochs=epochs, batch_size=batch_size, seed=settings.seed,
-                                           progress=progress)
-            fidelity = _fidelity(run, settings, fake_images, load_test()[0], features, fid_max_real, batch_size,
-                                 progress)
-        except BaseException:
-            run.end_stage(STAGE, status="failed")
-            raise
+    with stage_run(run, STAGE, config, inputs=[SYNTHETIC]):
+        noisy = _charge(run, plan, holdout) if plan else None  # write-ahead: before any noisy count exists
+        utilities = evaluate_protocols(fake_images, fake_labels, load_test, sens["num_classes"],
+                                       protocols=protocols, classifiers=classifiers, noisy_val=noisy,
+                                       epochs=epochs, batch_size=batch_size, seed=settings.seed,
+                                       progress=progress)
+        fidelity = _fidelity(run, settings, fake_images, load_test()[0], features, fid_max_real, batch_size,
+                             progress)
         per_protocol = {name: _result_row(run, utility, fidelity, plan, len(fake_images))
                         for name, utility in utilities.items()}
         table = pd.DataFrame([{"run": run.manifest["run_id"], "method": run.manifest["method"],
                                "sensitive": sens["name"], **_flat(row)} for row in per_protocol.values()])
         run.write_artifact(STAGE, RESULTS_CSV, table.to_csv(index=False).encode())
         run.manifest["results"].update(per_protocol)
-        run.end_stage(STAGE)
     return _summary(per_protocol, protocol, compare_protocols, unavailable)
 
 

@@ -14,18 +14,16 @@ from .rundir import now
 from ..training.checkpoint import stop_on_sigint
 from ..training.device import resolve_device
 from ..training.dp_guards import check_per_sample_gradients
-from ..training.efsgd import applied_noise_std, feedback_noise_multiplier
-from ..training.private_optimizer import (PRIVATE_OPTIMIZERS, calibrate_private_optimizer, check_private_optimizer,
-                                          private_optimizer_events, resolve_feedback_clip)
+from ..privacy.plans import (PRIVATE_OPTIMIZERS, applied_noise_std, calibrate_private_optimizer,
+                             check_private_optimizer, feedback_noise_multiplier, private_optimizer_events,
+                             resolve_feedback_clip)
 from ..training.dpsgd import (GRAD_SAMPLE_MODES, DPSGDPlan, ExponentialMovingAverage, check_dp_compatible,
                               check_secure_available, train_dp)
 from . import checkpoints
 from .common import (DataSettings, Progress, check_positive, declared_size, no_progress, open_or_create_run, torch_bytes,
                      torch_load_bytes)
-from .pretrain import PRETRAINED, STAGE as PRETRAIN_STAGE
+from .names import FINETUNE as STAGE, GENERATOR, PRETRAIN as PRETRAIN_STAGE, PRETRAINED
 
-STAGE = "finetune"
-GENERATOR = "generator.pt"
 OPTIONS = ("epochs", "batch_size", "clip", "lr", "grad_sample_mode", "noise_multiplicity", "physical_batch_size",
            "ema", "optimizer", "feedback_clip", "train_opts")
 

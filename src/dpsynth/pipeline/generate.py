@@ -14,12 +14,10 @@ from ..errors import BadInput
 from ..methods import get_method
 from ..training.device import resolve_device
 from .common import Progress, check_positive, no_progress, torch_load_bytes
-from .finetune import GENERATOR, STAGE as FINETUNE_STAGE
+from .lifecycle import stage_run
+from .names import FINETUNE as FINETUNE_STAGE, GENERATE as STAGE, GENERATOR, GRID, SYNTHETIC
 from .rundir import RunDir
 
-STAGE = "generate"
-SYNTHETIC = "synthetic.npz"
-GRID = "samples.png"
 
 
 def balanced_labels(n: int, num_classes: int) -> torch.Tensor:
@@ -71,11 +69,9 @@ def run_generate(run_path: str | Path, *, n: int = 10000, seed: int = 0, batch_s
         order = torch.cat([torch.nonzero(labels == c).flatten()[:per_class] for c in range(sens["num_classes"])])
         save_image(images[order].float() / 255.0, buffer, nrow=per_class, padding=2, format="png")
 
-    with run.lock():
-        run.begin_stage(STAGE, {"n": n, "seed": seed, "weights": weights, "device": str(torch_device), **options},
-                        inputs=[GENERATOR])
+    config = {"n": n, "seed": seed, "weights": weights, "device": str(torch_device), **options}
+    with stage_run(run, STAGE, config, inputs=[GENERATOR]):
         run.write_artifact(STAGE, SYNTHETIC, write_npz)
         run.write_artifact(STAGE, GRID, write_grid)
-        run.end_stage(STAGE)
     return {"n": n, "weights": weights, **options, "seconds": round(elapsed, 2),
             "images_per_second": round(n / max(elapsed, 1e-9), 2), "synthetic": str(run.artifact_path(SYNTHETIC)), "grid": str(run.artifact_path(GRID))}

@@ -17,20 +17,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..mechanisms.central_images import central_sample_rate, noisy_central_images
 from ..errors import BadInput
 from ..methods import get_method, parse_arch
 from ..privacy.accountant import compose_epsilon
-from ..privacy.events import PoissonGaussianEvent
 from ..training.device import resolve_device
 from ..training.dpsgd import train_nonprivate
 from .common import (DataSettings, Progress, check_positive, declared_size, load_public, no_progress, open_or_create_run,
                      settings_from_run, torch_bytes)
-from .select_public import SELECTION, STAGE as SELECT_STAGE
+from .lifecycle import stage_run
+from .names import CENTRAL, PRETRAIN as STAGE, PRETRAINED, SELECT_PUBLIC as SELECT_STAGE, SELECTION
 
-STAGE = "pretrain"
-PRETRAINED = "pretrained.pt"
-CENTRAL = "central_images.npz"
 
 
 def run_pretrain(run_path: str | Path, settings: DataSettings | None = None, *, epochs: int | None = None,
@@ -84,13 +80,11 @@ def run_pretrain(run_path: str | Path, settings: DataSettings | None = None, *, 
 
     config = {"epochs": epochs, "batch_size": batch_size, "lr": lr, "public": public.name,
               "public_images": int(len(images)), "device": str(torch_device), "generator": generator.cfg.to_dict()}
-    with run.lock():
-        run.begin_stage(STAGE, config, inputs=[SELECTION] if selection is not None else [])
+    with stage_run(run, STAGE, config, inputs=[SELECTION] if selection is not None else []):
         train_nonprivate(generator.to(torch_device), images, labels, method_obj.per_sample_loss, epochs=epochs,
                          batch_size=batch_size, lr=lr, seed=data.seed,
                          progress=lambda d, t, _l: progress("pretrain (public)", d, t))
         _save_generator(run, generator)
-        run.end_stage(STAGE)
     return {"public_images": int(len(images)), "epochs": epochs,
             "epsilon_spent": compose_epsilon(run.events(), run.delta).upper if run.events() else 0.0}
 
@@ -107,26 +101,16 @@ def _save_generator(run, generator) -> None:
 
 def _central_warmup(run, sensitive, method_obj, generator, *, epochs, batch_size, lr, sigma, queries, central_batch,
                     augment, device, progress) -> dict:
-    """DP-FETA: release noisy central images (one ledger event), then warm up on them."""
-    check_positive("--central-sigma", sigma)
-    check_positive("--central-queries", queries, integer=True)
-    check_positive("--central-batch", central_batch, integer=True)
-    q = central_sample_rate(declared_size(run), central_batch)
-    event = PoissonGaussianEvent(stage=STAGE, noise_multiplier=float(sigma), sample_rate=q, steps=int(queries))
-    target = run.manifest["privacy"].get("target_epsilon")
-    after = compose_epsilon([*run.events(), event], run.delta)
-    if target is not None and after.upper > target:
-        raise BadInput(f"central images (sigma {sigma}) would bring epsilon to {after.upper:.3f}, over the run's "
-                       f"target {target}; raise --central-sigma")
-    config = {"epochs": epochs, "batch_size": batch_size, "lr": lr, "central_sigma": sigma,
-              "central_queries": queries, "central_sample_rate": q, "augment": augment, "device": str(device),
-              "generator": generator.cfg.to_dict()}
-    with run.lock():
-        run.begin_stage(STAGE, config, inputs=[])
-        run.record_event(event, after)  # write-ahead: before any noisy mean exists
-        central, labels = noisy_central_images(sensitive.images, sensitive.labels, sensitive.num_classes,
-                                               noise_multiplier=sigma, sample_rate=q, queries=queries,
-                                               dataset_size=declared_size(run))
+    """A method's private warm-up (DP-FETA: noisy central images, one ledger event), then
+    non-private training on what it released (post-processing)."""
+    plan = method_obj.plan_warmup(dataset_size=declared_size(run), sigma=sigma, queries=queries,
+                                  batch=central_batch, spent=run.events(), delta=run.delta,
+                                  target=run.manifest["privacy"].get("target_epsilon"))
+    config = {"epochs": epochs, "batch_size": batch_size, "lr": lr, **plan.settings, "augment": augment,
+              "device": str(device), "generator": generator.cfg.to_dict()}
+    with stage_run(run, STAGE, config, events=plan.events):  # written before any noisy mean exists
+        central, labels = method_obj.release_warmup(sensitive.images, sensitive.labels, sensitive.num_classes,
+                                                    plan=plan)
 
         def write_npz(buffer: io.BytesIO) -> None:
             np.savez_compressed(buffer, images=central.numpy(), labels=labels.numpy())
@@ -136,9 +120,8 @@ def _central_warmup(run, sensitive, method_obj, generator, *, epochs, batch_size
                          batch_size=batch_size, lr=lr, seed=0, augment=_rand_augment() if augment else None,
                          progress=lambda d, t, _l: progress("warm-up (central images)", d, t))
         _save_generator(run, generator)
-        run.end_stage(STAGE)
-    return {"central_images": int(len(central)), "central_sigma": sigma, "central_sample_rate": q,
-            "epsilon_spent": after.upper, "epochs": epochs}
+    return {"central_images": int(len(central)), **plan.settings,
+            "epsilon_spent": compose_epsilon(run.events(), run.delta).upper, "epochs": epochs}
 
 
 def _rand_augment():

@@ -11,15 +11,15 @@ import numpy as np
 from ..errors import BadInput
 from ..methods import get_method
 from ..models.query_net import predict_topk
-from ..privacy.accountant import calibrate_gaussian_sigma, compose_epsilon, epsilon_upper
+from ..privacy.accountant import compose_epsilon, epsilon_upper
+from ..privacy.plans import gaussian_release_sigma
 from ..privacy.events import GaussianEvent
 from ..mechanisms.semantic_query import add_gaussian_noise, select_public_classes, semantic_histogram
-from .common import (DataSettings, Progress, check_positive, dataset_record, load_public, no_progress,
+from .names import SELECT_PUBLIC as STAGE, SELECTION
+from .common import (DataSettings, Progress, check_positive, load_public, public_record, no_progress,
                      open_or_create_run, settings_from_run)
 from .query_cache import query_net_for
 
-STAGE = "select-public"
-SELECTION = "selection.json"
 
 
 def _skipped(method: str) -> dict:
@@ -56,21 +56,19 @@ def run_select_public(run_path: str | Path, settings: DataSettings, *, sigma: fl
     if not (1 <= n_select <= public.num_classes):
         raise BadInput(f"--select {n_select} must be between 1 and {public.num_classes} (public classes)")
     if eps_query is not None:
-        sigma = calibrate_gaussian_sigma(run.events(), epsilon_upper(run.events(), run.delta) + eps_query,
-                                         run.delta, stage=STAGE)
+        sigma = gaussian_release_sigma(run.events(), epsilon_upper(run.events(), run.delta) + eps_query,
+                                       run.delta, stage=STAGE)
 
     net, net_identity = query_net_for(public, seed=settings.seed, progress=progress)
     topk = predict_topk(net, sensitive.images, top_k)
     hist = semantic_histogram(topk, sensitive.labels, rows, public.num_classes)
 
     event = GaussianEvent(stage=STAGE, noise_multiplier=float(sigma))
-    after = compose_epsilon([*run.events(), event], run.delta)
-    eps_after = after.upper
-    with run.lock():
-        run.manifest["public"] = dataset_record(public)
-        run.begin_stage(STAGE, {"sigma": float(sigma), "eps_query": eps_query, "top_k": top_k, "select": n_select,
-                                "query_network": net_identity}, inputs=[])
-        run.record_event(event, after)  # write-ahead: before the noisy histogram exists
+    eps_after = compose_epsilon([*run.events(), event], run.delta).upper
+    run.manifest["public"] = public_record(public)
+    config = {"sigma": float(sigma), "eps_query": eps_query, "top_k": top_k, "select": n_select,
+              "query_network": net_identity}
+    with stage_run(run, STAGE, config, events=[event]):  # the event is written before the noisy histogram exists
         noisy = add_gaussian_noise(hist, sigma, top_k)
         chosen = select_public_classes(noisy, n_select)
         selected_classes = [p for p, _ in chosen]
@@ -86,7 +84,6 @@ def run_select_public(run_path: str | Path, settings: DataSettings, *, sigma: fl
             "public_indices": indices.tolist(),
         }
         run.write_artifact(STAGE, SELECTION, json.dumps(selection).encode())
-        run.end_stage(STAGE)
     return {"epsilon_spent": eps_after, "noise_multiplier": float(sigma), "selected": selection["selected"],
             "public_images": int(len(indices)), "public_fraction": len(indices) / len(public),
             "query_network": net_identity, "delta": run.delta}

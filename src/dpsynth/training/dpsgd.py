@@ -26,41 +26,11 @@ from torch.utils.data import TensorDataset
 from ..errors import BadInput
 from .checkpoint import capture_state, restore_model_and_optimizer, restore_rng
 from .dp_guards import check_poisson_sampler
-from .private_optimizer import check_private_optimizer, make_private_optimizer
+from ..privacy.plans import DPSGDPlan, check_private_optimizer
+from .private_optimizer import make_private_optimizer
 
 GRAD_SAMPLE_MODES = ("ghost", "vmap", "hooks", "functorch")
 Progress = Callable[[int, int, float], None]
-
-
-@dataclass(frozen=True)
-class DPSGDPlan:
-    """What the ledger event will say; computed before any sensitive data is touched."""
-
-    dataset_size: int
-    batch_size: int
-    epochs: int
-
-    def __post_init__(self) -> None:
-        if self.dataset_size < 1:
-            raise BadInput(f"sensitive dataset is empty (size {self.dataset_size})")
-        if not (1 <= self.batch_size <= self.dataset_size):
-            raise BadInput(f"--batch-size {self.batch_size} must be between 1 and the dataset size {self.dataset_size}")
-        if self.epochs < 1:
-            raise BadInput(f"--epochs {self.epochs} must be >= 1")
-
-    @property
-    def steps_per_epoch(self) -> int:
-        return max(1, round(self.dataset_size / self.batch_size))
-
-    @property
-    def sample_rate(self) -> float:
-        # opacus' DPDataLoader draws len = round(1/q) batches per epoch; we pick q so that
-        # expected batch = batch_size and the loader's length is what we count.
-        return 1.0 / self.steps_per_epoch
-
-    @property
-    def steps(self) -> int:
-        return self.epochs * self.steps_per_epoch
 
 
 def check_secure_available(secure: bool) -> None:

@@ -13,10 +13,8 @@ from typing import Any
 from ...errors import BadInput
 from ..base import Method, PrivatePlan
 from ..registry import register_method
-from ...privacy.accountant import calibrate_noise_multiplier
 from ...privacy.events import PoissonGaussianEvent
-from ...training.efsgd import applied_noise_std
-from ...training.private_optimizer import (calibrate_private_optimizer, private_optimizer_events,
+from ...privacy.plans import (applied_noise_std, calibrate_private_optimizer, private_optimizer_events,
                                           resolve_feedback_clip)
 from .dp_gan import DPGANSchedule, train_dp_gan
 from .gs_wgan import applied_noise_multiplier, train_gs_wgan
@@ -154,7 +152,8 @@ class GSWGAN(GANMethod):
     def plan_private(self, *, dataset_size, opts, spent, eps, delta) -> PrivatePlan:
         t = self._check(dataset_size, opts)
         q = 1.0 / t["discriminators"]
-        sigma_eff = calibrate_noise_multiplier(spent, eps, delta, sample_rate=q, steps=t["iterations"], stage=STAGE)
+        sigma_eff = calibrate_private_optimizer("dpsgd", spent, eps, delta, sample_rate=q, steps=t["iterations"],
+                                                stage=STAGE)
         applied = applied_noise_multiplier(sigma_eff, opts["batch_size"])
         event = PoissonGaussianEvent(
             stage=STAGE, noise_multiplier=sigma_eff, sample_rate=q, steps=t["iterations"],

@@ -30,7 +30,8 @@ import torch
 from ...errors import BadInput
 from ..base import Method, PrivatePlan
 from ..registry import register_method
-from ...privacy.accountant import calibrate_gaussian_sigma, calibrate_noise_multiplier
+from ...privacy.calibration import calibrate_sigma
+from ...privacy.plans import gaussian_release_sigma
 from ...privacy.events import GaussianEvent, PoissonGaussianEvent
 from .features import FeatureMap, NTKFeatures, RandomFourierFeatures
 from .generator import EmbeddingGenerator, EmbeddingGeneratorConfig
@@ -113,7 +114,7 @@ class SingleReleaseMethod(MeanEmbeddingMethod):
         self.check_opts(opts)
         if dataset_size < 1:
             raise BadInput(f"sensitive dataset is empty (size {dataset_size})")
-        sigma = calibrate_gaussian_sigma(spent, eps, delta, stage=STAGE)
+        sigma = gaussian_release_sigma(spent, eps, delta, stage=STAGE)
         event = GaussianEvent(stage=STAGE, noise_multiplier=sigma,
                               note=f"{self.name}: one release of the embedding sum over all images; {SENSITIVITY_NOTE}")
         steps = opts["epochs"] * math.ceil(dataset_size / opts["batch_size"])
@@ -213,9 +214,13 @@ class DPKernel(MeanEmbeddingMethod):
             raise BadInput(f"--batch-size {opts['batch_size']} must be between 1 and the dataset size {dataset_size}")
         rate = opts["batch_size"] / dataset_size
         iterations = math.ceil(opts["epochs"] * dataset_size / opts["batch_size"])
-        sigma = calibrate_noise_multiplier(spent, eps, delta, sample_rate=rate, steps=iterations, stage=STAGE)
-        event = PoissonGaussianEvent(stage=STAGE, noise_multiplier=sigma, sample_rate=rate, steps=iterations,
-                                     note=f"dp-kernel: embedding sum of each Poisson batch; {SENSITIVITY_NOTE}")
+
+        def events_at(sigma: float) -> list:
+            return [PoissonGaussianEvent(stage=STAGE, noise_multiplier=sigma, sample_rate=rate, steps=iterations,
+                                         note=f"dp-kernel: embedding sum of each Poisson batch; {SENSITIVITY_NOTE}")]
+
+        sigma = calibrate_sigma(spent, eps, delta, events_at, sigma_min=0.4, sigma_max=200.0)
+        (event,) = events_at(sigma)
         return PrivatePlan(events=(event,), settings={"noise_multiplier": sigma, "sample_rate": rate,
                                                       "dataset_size": dataset_size,
                                                       "releases": iterations, "generator_steps": iterations,

@@ -1,0 +1,1 @@
+"""The pipeline: the run directory, one stage lifecycle, artifact names and the five stages."""
