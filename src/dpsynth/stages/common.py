@@ -134,6 +134,13 @@ def dataset_record(images: ImageSet, key: OwnerKey, declared_size: int, size_bas
             "tag": keyed_tag(images, key), "key_id": key.key_id, "source": images.source}
 
 
+def public_record(images: ImageSet) -> dict:
+    """A PUBLIC dataset's record: a plain content digest is fine here (nothing private to hide)."""
+    n, c, h, _ = images.images.shape
+    return {"name": images.name, "split": images.split, "size": int(n), "num_classes": int(images.num_classes),
+            "resolution": int(h), "channels": int(c), "sha256": content_digest(images), "source": images.source}
+
+
 def privacy_assumptions(size_basis: str) -> dict:
     return {"adjacency": "add/remove one image (record-level)",
             "dataset_size": f"public: N in this manifest is {size_basis}",
@@ -173,6 +180,10 @@ def check_same_data(run: RunDir, images: ImageSet, key: str = "sensitive") -> No
     legacy = record.get("fingerprint")
     if legacy:
         if content_digest(images) != legacy:
+            settings = settings_from_run(run)
+            if settings.limit is not None or settings.holdout:
+                raise RunDirError(f"{run.path} was made by an earlier dpsynth whose --limit/--holdout subset was a "
+                                  f"shuffle (not 1-stable); this version cannot reproduce it: start a new run")
             raise RunDirError(f"{key} dataset {images.name} differs from the one this run was created with "
                               f"(legacy fingerprints differ); use a new --run directory")
         del record["fingerprint"]

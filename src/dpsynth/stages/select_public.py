@@ -14,7 +14,7 @@ from ..models.query_net import predict_topk
 from ..privacy.accountant import calibrate_gaussian_sigma, compose_epsilon, epsilon_upper
 from ..privacy.events import GaussianEvent
 from ..semantic_query import add_gaussian_noise, select_public_classes, semantic_histogram
-from .common import (DataSettings, Progress, check_positive, dataset_record, load_public, no_progress,
+from .common import (DataSettings, Progress, check_positive, load_public, public_record, no_progress,
                      open_or_create_run, settings_from_run)
 from .query_cache import query_net_for
 
@@ -67,7 +67,7 @@ def run_select_public(run_path: str | Path, settings: DataSettings, *, sigma: fl
     after = compose_epsilon([*run.events(), event], run.delta)
     eps_after = after.upper
     with run.lock():
-        run.manifest["public"] = dataset_record(public)
+        run.manifest["public"] = public_record(public)
         run.begin_stage(STAGE, {"sigma": float(sigma), "eps_query": eps_query, "top_k": top_k, "select": n_select,
                                 "query_network": net_identity}, inputs=[])
         run.record_event(event, after)  # write-ahead: before the noisy histogram exists
