@@ -75,7 +75,7 @@ class AuditResult:
     claimed_epsilon: float
     delta: float
     confidence: float
-    noise_multiplier: float
+    noise_multiplier: float    # calibrated for the claim (the applied one is noise_scale times it, or 0)
     sample_rate: float
     steps: int
     canaries: int
@@ -162,7 +162,8 @@ def run_audit(config: AuditConfig, progress=None) -> AuditResult:
     claimed = compose_epsilon([PoissonGaussianEvent("audit", sigma, plan.sample_rate, plan.steps)], config.delta)
     torch.manual_seed(config.seed)
     model = CanaryLinear(real_dim, m)
-    trained = train_dp(model, images, labels, _loss, plan=plan, noise_multiplier=sigma * config.noise_scale if config.noise else 0.0,
+    applied = sigma * config.noise_scale if config.noise else 0.0  # != sigma only when faults are injected
+    trained = train_dp(model, images, labels, _loss, plan=plan, noise_multiplier=applied,
                        clip=config.clip, lr=config.lr, grad_sample_mode="hooks", optimizer="sgd",
                        progress=progress)
 
