@@ -18,6 +18,7 @@ from ..methods import get_method
 from ..privacy.accountant import check_delta, compose_epsilon, default_delta
 from ..rundir import RunDir, now
 from .holdout import check_holdout, holdout_record, indices_sha256, reservation_event, split_off
+from .sensitive_test import load_sensitive_test
 
 # progress(phase, done, total); the CLI draws rich bars from it, the library never prints.
 Progress = Callable[[str, int, int], None]
@@ -40,6 +41,7 @@ class DataSettings:
     data_root: str | None = None
     holdout: float = 0.0  # share of the sensitive train set kept from the generator for noisy-val
     noisy_val_eps: float | None = None  # epsilon reserved in the ledger at creation for noisy-val
+    sensitive_test: str | None = None  # labelled test set disjoint from training (npz:/imagefolder: need one)
 
     def __post_init__(self) -> None:
         check_holdout(self.holdout)
@@ -130,6 +132,10 @@ def open_or_create_run(run_path: str | Path, *, method: str | None, settings: Da
         if settings and (settings.holdout != recorded.holdout or settings.noisy_val_eps != recorded.noisy_val_eps):
             raise BadInput(f"--holdout {settings.holdout:g} / --noisy-val-eps {settings.noisy_val_eps} differ from "
                            f"this run's ({recorded.holdout:g} / {recorded.noisy_val_eps}); they are fixed at creation")
+        if settings and settings.sensitive_test and settings.sensitive_test != recorded.sensitive_test:
+            raise BadInput(f"--sensitive-test {settings.sensitive_test} differs from this run's "
+                           f"{recorded.sensitive_test or 'none'}; it is recorded at creation (give it to "
+                           f"'dpsynth evaluate --sensitive-test' instead)")
         if delta is not None and delta != run.delta:
             raise BadInput(f"--delta {delta:g} differs from this run's delta {run.delta:g}; delta is fixed per run")
         sensitive = load_sensitive(recorded)
@@ -144,6 +150,8 @@ def open_or_create_run(run_path: str | Path, *, method: str | None, settings: Da
         raise BadInput(f"sensitive dataset {settings.sensitive} has no labels; the conditional generators need them")
     # The hold-out is decided here, before any mechanism reads the data, and never changes.
     sensitive, _, held = split_off(full, settings.holdout, settings.seed)
+    if settings.sensitive_test:  # checked now, so a typo or a mismatched file costs no privacy budget
+        load_sensitive_test(settings.sensitive_test, settings, sensitive)
     # delta is per protected image: N counts the hold-out too (it is sensitive data as well).
     n = len(full)
     delta = delta if delta is not None else default_delta(n)
