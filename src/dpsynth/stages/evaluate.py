@@ -108,19 +108,20 @@ def run_evaluate(run_path: str | Path, *, protocol: str = DP_SAFE, classifier: s
                 raise
             protocols.remove(NOISY_VAL)  # a comparison still runs the two protocols that cost nothing
             unavailable[NOISY_VAL] = f"unavailable: {exc}"
-    features = _feature_network(run, settings, feature_public, inception_weights)
-    holdout = load_holdout(run) if plan else None
     real = load_sensitive(settings)  # the training set, for fidelity; checked before anything is written
     check_same_data(run, real)
     # A user-given test set is checked against the training set now, so a mismatch writes nothing; it is
     # held here and handed to the classifiers only through load_test, after selection, like a named one.
     given_test = load_sensitive_test(test_spec, settings, real) if test_spec else None
+    features = _feature_network(run, settings, feature_public, inception_weights)
+    holdout = load_holdout(run) if plan else None
 
     test_cache: dict = {}
 
     def load_test():  # the sensitive test set, loaded at most once and only when first needed
         if not test_cache:
-            test = given_test or load_sensitive(replace(settings, limit=None), split="test")
+            test = given_test if given_test is not None else load_sensitive(replace(settings, limit=None),
+                                                                            split="test")
             test_cache["set"] = test
             test_cache["data"] = (test.images, test.labels)
         return test_cache["data"]
