@@ -278,8 +278,8 @@ def _fidelity(run, settings, real, fake_images, test_images, features, fid_max_r
             ("is", is_mean), ("is_std", is_std))},
         "feature_network": features.name,
         "feature_kind": features.kind,
-        "fid_reference": f"sensitive training set: {run.manifest['sensitive']['name']} train ({len(f_real)} "
-                         f"images the generator was trained on)",
+        "fid_reference": f"sensitive training set: {run.manifest['sensitive']['name']} ({len(f_real)} images "
+                         f"the generator was trained on)",
         "fld_samples": fld_samples,
         "image_reward": None,
         "image_reward_note": IMAGE_REWARD_UNAVAILABLE,
