@@ -21,7 +21,7 @@ from dpsynth.privacy.accountant import compose_epsilon
 from dpsynth.privacy.events import GaussianEvent
 from dpsynth.pipeline.rundir import RunDir
 from dpsynth.pipeline import evaluate as evaluate_stage
-from dpsynth.pipeline.common import DataSettings, load_sensitive, open_or_create_run
+from dpsynth.pipeline.common import DataSettings, _load_full, load_holdout, load_sensitive, open_or_create_run
 
 SETTINGS = dict(sensitive="fashionmnist", public="mnist5k", resolution=8, limit=400, seed=0)
 
@@ -59,17 +59,17 @@ def run(tmp_path_factory, feature_cache):
 
 
 def test_holdout_is_fixed_at_creation_and_never_trained_on(run):
-    full = load_dataset("fashionmnist", "train", resolution=8, limit=400, seed=0)
-    per_class = torch.bincount(full.labels, minlength=10)
-    expected_held = [int(round(n * 0.25)) for n in per_class.tolist()]
+    settings = DataSettings(**SETTINGS, holdout=0.25)
+    full = _load_full(settings, "train")  # the keyed --limit subset, hold-out included
     manifest = RunDir.open(run.path).manifest
-    assert manifest["holdout"]["size"] == sum(expected_held)
-    assert manifest["sensitive"]["size"] == 400 - sum(expected_held)
-    trained_on = load_sensitive(DataSettings(**SETTINGS, holdout=0.25))
-    assert torch.bincount(trained_on.labels, minlength=10).tolist() == [
-        n - h for n, h in zip(per_class.tolist(), expected_held)]
-    # delta protects every sensitive image, the hold-out included: N = 400.
-    assert manifest["privacy"]["delta"] == pytest.approx(1 / (400 * math.log(400)))
+    trained_on = load_sensitive(settings)
+    held = load_holdout(RunDir.open(run.path))
+    rows = lambda images: {bytes(x.numpy().tobytes()) + bytes([int(y)]) for x, y in zip(images.images, images.labels)}
+    assert not rows(trained_on) & rows(held)  # the generator never sees a hold-out image
+    assert len(trained_on) + len(held) == len(full) and 0.15 < len(held) / len(full) < 0.35
+    assert manifest["holdout"]["size"] == len(held) and manifest["sensitive"]["size"] == len(trained_on)
+    # delta protects every sensitive image, the hold-out included.
+    assert manifest["privacy"]["delta"] == pytest.approx(1 / (len(full) * math.log(len(full))))
     reserved = manifest["privacy"]["events"][0]
     assert reserved["stage"] == "evaluate" and reserved["mechanism"] == "gaussian"
     reference = PRVAccountant(prvs=[GaussianMechanism(reserved["noise_multiplier"])], max_self_compositions=[1],

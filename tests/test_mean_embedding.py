@@ -180,7 +180,7 @@ def test_dp_ntk_embeds_every_sensitive_image(monkeypatch):
     monkeypatch.setattr(me_methods, "noisy_sum", recording_noisy_sum)
     m = get_method("dp-ntk")
     opts = resolve_options(m, {"epochs": 1, "batch_size": 1150, "train_opts": "ntk_width=4,ntk_width2=4"})
-    plan = PrivatePlan(events=(), settings={"noise_multiplier": 1e-6})
+    plan = PrivatePlan(events=(), settings={"noise_multiplier": 1e-6, "dataset_size": n})
     generator = m.build_generator(8, 1, k)
     m.train_private(generator, images, labels, opts=opts, plan=plan, device=torch.device("cpu"),
                     progress=lambda *a: None)
@@ -204,7 +204,8 @@ def test_dp_kernel_releases_exactly_the_planned_number_of_poisson_batches(monkey
     m = get_method("dp-kernel", {"width": 4, "hidden": 8})
     opts = resolve_options(m, {"epochs": 1, "batch_size": 1, "train_opts": "features=8,generator_batch=4"})
     event = PoissonGaussianEvent(stage="finetune", noise_multiplier=1.0, sample_rate=1 / n, steps=n)
-    plan = PrivatePlan(events=(event,), settings={"noise_multiplier": 1.0, "sample_rate": 1 / n, "releases": n})
+    plan = PrivatePlan(events=(event,), settings={"noise_multiplier": 1.0, "sample_rate": 1 / n, "releases": n,
+                                                   "dataset_size": n})
     m.train_private(m.build_generator(8, 1, k), images, labels, opts=opts, plan=plan, device=torch.device("cpu"),
                     progress=lambda *a: None)
     assert len(sizes) == plan.events[0].steps == 40
@@ -234,7 +235,8 @@ TINY_OPTS = {"dp-merf": "features=64", "dp-ntk": "ntk_width=4,ntk_width2=8", "dp
 @pytest.mark.parametrize("method", ["dp-merf", "dp-ntk", "dp-kernel"])
 def test_every_mean_embedding_method_runs_all_stages_through_the_cli(tmp_path, method):
     run = str(tmp_path / "run")
-    common = ["--run", run, "--method", method, "--sensitive", "fashionmnist", "--limit", "300", "--resolution", "8"]
+    common = ["--run", run, "--method", method, "--sensitive", "fashionmnist", "--limit", "300", "--public-size", "60000",
+              "--resolution", "8"]  # declared N = 300 exactly
     assert "skipped" in _invoke("select-public", *common, "--quiet")
     assert "skipped" in _invoke("pretrain", *common, "--quiet")
     _invoke("finetune", *common, "--eps", "3", "--epochs", "1", "--batch-size", "100", "--lr", "0.01",

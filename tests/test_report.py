@@ -13,7 +13,7 @@ from PIL import Image
 from cli_helpers import dpsynth
 from dpsynth.privacy.accountant import compose_epsilon
 from dpsynth.privacy.events import GaussianEvent
-from dpsynth.reporting import (CLASS_COUNTS_PNG, NOT_EVALUATED, PRIVACY_UTILITY_PNG, collect_results,
+from dpsynth.reporting import (CLASS_COUNTS_PNG, NOT_ACCOUNTED, NOT_EVALUATED, PRIVACY_UTILITY_PNG, collect_results,
                                fid_axis_label, format_table, privacy_utility_figure, write_report)
 from dpsynth.pipeline.rundir import RunDir
 
@@ -197,3 +197,18 @@ def test_per_classifier_accuracies_become_columns(tmp_path):
     assert table["accuracy"].iloc[0] == max(0.6, 0.8) and table["accuracy_mean"].iloc[0] == pytest.approx(0.7)
     header = format_table(table, "markdown").splitlines()[0]
     assert "| accuracy | accuracy_mean | accuracy_cnn | accuracy_wrn |" in header
+
+
+def test_the_line_on_what_the_ledger_omits_is_under_every_table(runs, tmp_path, capsys):
+    from dpsynth.cli.main import main
+    assert main(["report", *runs, "--out", str(tmp_path / "md")]) == 0
+    printed = capsys.readouterr()
+    table, _, note = printed.out.rstrip("\n").rpartition("\n\n")
+    assert table.startswith("| run_id") and note == NOT_ACCOUNTED
+    assert "not accounted" in NOT_ACCOUNTED and "not release" in NOT_ACCOUNTED
+    # CSV keeps stdout a clean table: the line goes to stderr; JSON carries it as a key.
+    assert main(["report", *runs, "--out", str(tmp_path / "csv"), "--format", "csv"]) == 0
+    printed = capsys.readouterr()
+    assert NOT_ACCOUNTED not in printed.out and NOT_ACCOUNTED in printed.err.replace("\n", " ")
+    assert main(["report", *runs, "--out", str(tmp_path / "json"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["not_accounted"] == NOT_ACCOUNTED

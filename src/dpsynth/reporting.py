@@ -30,14 +30,18 @@ DOMAIN_COLUMNS = tuple(f"{m}_domain" for m in FIDELITY)
 INCEPTION_COLUMNS = tuple(f"{m}_inception" for m in FIDELITY)
 COLUMNS = ("run", "run_id", "method", "sensitive", "epsilon", "delta", "accountant", "protocol", "dp_safe",
            "classifier", "accuracy", "accuracy_mean", "best_classifier", *DOMAIN_COLUMNS, *INCEPTION_COLUMNS,
-           "image_reward", "feature_network", "n_synthetic")
+           "image_reward", "feature_network", "n_synthetic", "test_set")
 RESULT_KEYS = ("protocol", "dp_safe", "classifier", "accuracy", "accuracy_mean", "best_classifier", *DOMAIN_COLUMNS,
-               *INCEPTION_COLUMNS, "image_reward", "feature_network", "n_synthetic")
+               *INCEPTION_COLUMNS, "image_reward", "feature_network", "n_synthetic", "test_set")
 NOT_EVALUATED = "(not evaluated)"
 PER_CLASSIFIER = "accuracy_"  # prefix of one column per classifier
 NOT_DP_PROTOCOL = "test-set-selection"
 FORMATS = ("markdown", "csv")
 DEFAULT_OUT = "reports"
+# Printed under the tables of `evaluate` and `report`: what these figures are, and what the ledger omits.
+NOT_ACCOUNTED = ("Outside the ledger: these figures (test accuracy, FID/precision/recall against the training set) "
+                 "are computed on sensitive data as reporting, not release; choosing the best of several runs by "
+                 "them is not accounted.")
 PRIVACY_UTILITY_PNG = "privacy_utility.png"
 CLASS_COUNTS_PNG = "class_counts.png"
 

@@ -8,6 +8,10 @@ touch, so the column's final value is "canary gradient if sampled + Gaussian noi
 Each canary is included with probability 1/2 (seeded, stored in the result), the model is
 trained ONCE with DP-SGD at the noise multiplier the accountant calibrates for the claimed
 (eps, delta), and the guesser ranks canaries by the logit margin of their input.
+
+The verdict needs both: the one-run lower bound at or below the claim, and the OUT canaries'
+noise at the scale the claimed sigma predicts (`noise.noise_scale_test`). The bound alone
+misses a mechanism with half the noise (research note, section 0 and row (d)).
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from ..privacy.plans import calibrate_private_optimizer
 from ..privacy.events import PoissonGaussianEvent
 from ..training.dpsgd import DPSGDPlan, train_dp
 from .bound import best_guess, default_ks, one_run_p_value
+from .noise import NOISE_TEST_ALPHA, noise_scale_test
 
 CANARY_SCALE = 100.0  # canary input magnitude: its gradient stays clipped to exactly C until it is fit
 NUM_CLASSES = 10
@@ -43,6 +48,10 @@ class AuditConfig:
     alpha: float = 0.05
     seed: int = 0
     noise: bool = True  # False = the deliberately broken mechanism (no noise; true eps is infinite)
+    # Fault injection for auditing the auditor: the mechanism's noise is multiplied by this while
+    # the claim stays the one calibrated for the full noise (0.5 = a sigma/2 bug).
+    noise_scale: float = 1.0
+    noise_alpha: float = NOISE_TEST_ALPHA  # false-alarm rate of the noise-scale test
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.claimed_epsilon) and self.claimed_epsilon > 0):
@@ -55,6 +64,11 @@ class AuditConfig:
             raise BadInput(f"--epochs {self.epochs} is not allowed; it must be >= 1")
         if not (0 < self.alpha < 1):
             raise BadInput(f"--alpha {self.alpha!r} is not allowed; it must be in (0, 1)")
+        if not (math.isfinite(self.noise_scale) and self.noise_scale > 0):
+            raise BadInput(f"--noise-scale {self.noise_scale!r} is not allowed; it must be a finite number > 0 "
+                           "(--no-noise turns the noise off)")
+        if not (0 < self.noise_alpha < 1):
+            raise BadInput(f"--noise-alpha {self.noise_alpha!r} is not allowed; it must be in (0, 1)")
 
 
 @dataclass
@@ -62,7 +76,7 @@ class AuditResult:
     claimed_epsilon: float
     delta: float
     confidence: float
-    noise_multiplier: float
+    noise_multiplier: float    # calibrated for the claim (the applied one is noise_scale times it, or 0)
     sample_rate: float
     steps: int
     canaries: int
@@ -71,12 +85,19 @@ class AuditResult:
     guesses_per_side: int
     epsilon_lower_bound: float
     p_value_at_claim: float
-    passed: bool               # lower bound <= claimed epsilon
-    noise_std_ratio: float     # measured / predicted std of OUT-canary scores (1.0 expected)
+    passed: bool               # the verdict: bound_passed and noise_passed
+    bound_passed: bool         # lower bound <= claimed epsilon
+    noise_passed: bool         # noise_std_ratio inside noise_ratio_interval
+    noise_std_ratio: float     # measured (ddof=1) / predicted std of OUT-canary scores (1.0 expected)
+    noise_ratio_interval: list  # [low, high]: the chi^2 test's acceptance interval for the ratio
+    out_canaries: int          # OUT canaries behind the ratio
+    noise_alpha: float         # the noise test's level (its false-alarm rate on a correct run)
+    reason: str                # why the verdict failed, one line; "" when it passed
     test_accuracy: float
     seconds: float
     seed: int
     noise: bool
+    noise_scale: float
     included: list = field(repr=False, default_factory=list)
 
     def to_dict(self) -> dict:
@@ -122,6 +143,9 @@ def run_audit(config: AuditConfig, progress=None) -> AuditResult:
     m = config.canaries
     rng = np.random.default_rng(config.seed)
     included = rng.random(m) < 0.5
+    if (~included).sum() < 2:  # checked before the training it would waste
+        raise BadInput(f"--canaries {m} with --seed {config.seed} left {(~included).sum()} OUT canaries; the "
+                       "noise-scale test needs >= 2 (use more canaries)")
     canary_labels = torch.tensor(rng.integers(0, NUM_CLASSES, m), dtype=torch.long)
     x_train, y_train, x_test, y_test = _digits(config.seed)
     real_dim = x_train.shape[1]
@@ -139,7 +163,8 @@ def run_audit(config: AuditConfig, progress=None) -> AuditResult:
     claimed = compose_epsilon([PoissonGaussianEvent("audit", sigma, plan.sample_rate, plan.steps)], config.delta)
     torch.manual_seed(config.seed)
     model = CanaryLinear(real_dim, m)
-    trained = train_dp(model, images, labels, _loss, plan=plan, noise_multiplier=sigma if config.noise else 0.0,
+    applied = sigma * config.noise_scale if config.noise else 0.0  # != sigma only when faults are injected
+    trained = train_dp(model, images, labels, _loss, plan=plan, noise_multiplier=applied,
                        clip=config.clip, lr=config.lr, grad_sample_mode="hooks", optimizer="sgd",
                        progress=progress)
 
@@ -149,19 +174,27 @@ def run_audit(config: AuditConfig, progress=None) -> AuditResult:
     scores = (own - others).numpy().astype(np.float64)
     guess = best_guess(scores, included, default_ks(m), config.delta, config.alpha)
 
-    # White-box noise-scale check: an OUT canary's score is pure noise with this std.
-    # opacus divides the noisy sum by the expected batch size q*N.
+    # White-box noise-scale check: an OUT canary's score is pure noise with this std under the
+    # claimed sigma. opacus divides the noisy sum by the expected batch size q*N; the margin's
+    # own-minus-mean-of-9-others adds the factor sqrt(1 + 1/9).
     step_std = CANARY_SCALE * config.lr * sigma * config.clip / (plan.sample_rate * plan.dataset_size)
     predicted = step_std * math.sqrt(plan.steps) * math.sqrt(1 + 1 / (NUM_CLASSES - 1))
-    measured = float(np.std(scores[~included]))
+    noise_test = noise_scale_test(scores[~included], predicted, config.noise_alpha)
     with torch.no_grad():
         accuracy = float((trained(torch.cat([x_test, torch.zeros(len(x_test), m)], 1)).argmax(1) == y_test)
                          .float().mean())
     p_at_claim = one_run_p_value(claimed.upper, config.delta, m, guess.r, guess.v) * len(default_ks(m))
+    bound_passed = guess.epsilon_lb <= claimed.upper
+    reasons = [] if bound_passed else [f"lower bound {guess.epsilon_lb:.3f} > claimed epsilon {claimed.upper:.3f} "
+                                       f"({1 - config.alpha:.0%} confidence)"]
+    reasons += [noise_test.reason()] if not noise_test.passed else []
     return AuditResult(
         claimed_epsilon=claimed.upper, delta=config.delta, confidence=1 - config.alpha, noise_multiplier=sigma,
         sample_rate=plan.sample_rate, steps=plan.steps, canaries=m, guesses=guess.r, correct=guess.v,
         guesses_per_side=guess.k, epsilon_lower_bound=guess.epsilon_lb, p_value_at_claim=min(1.0, p_at_claim),
-        passed=guess.epsilon_lb <= claimed.upper, noise_std_ratio=measured / predicted, test_accuracy=accuracy,
-        seconds=time.perf_counter() - start, seed=config.seed, noise=config.noise,
+        passed=bound_passed and noise_test.passed, bound_passed=bound_passed, noise_passed=noise_test.passed,
+        noise_std_ratio=noise_test.ratio, noise_ratio_interval=[noise_test.low, noise_test.high],
+        out_canaries=noise_test.n, noise_alpha=config.noise_alpha, reason="; ".join(reasons),
+        test_accuracy=accuracy, seconds=time.perf_counter() - start, seed=config.seed, noise=config.noise,
+        noise_scale=config.noise_scale,
         included=[int(i) for i in inside])

@@ -42,6 +42,9 @@ HoldoutOpt = typer.Option(0.0, "--holdout", help="New runs: share of the sensiti
                                                  "for 'evaluate --protocol noisy-val' (0 = none; at most 0.5).")
 NoisyValEpsOpt = typer.Option(None, "--noisy-val-eps", help="New runs: epsilon reserved in the ledger now for the "
                                                             "noisy-val selection (needs --holdout).")
+SensitiveTestOpt = typer.Option(None, "--sensitive-test", help="New runs: labelled test set for test accuracy "
+                                "(npz:PATH, imagefolder:PATH or a name); npz:/imagefolder: runs need one, named "
+                                "sets default to their official test split. Recorded in the run.")
 
 
 @contextlib.contextmanager
@@ -89,7 +92,7 @@ def _fmt(value) -> str:
 
 
 def new_run_settings(sensitive, public, resolution, channels, limit, seed, data_root, holdout=0.0,
-                     noisy_val_eps=None, public_size=None):
+                     noisy_val_eps=None, public_size=None, sensitive_test=None):
     """Data settings for a run this command may create; None when --sensitive is absent
     (the command then works on an existing run and takes its recorded settings)."""
     from ..pipeline.common import DataSettings
@@ -99,7 +102,11 @@ def new_run_settings(sensitive, public, resolution, channels, limit, seed, data_
             from ..errors import BadInput
             raise BadInput("--holdout, --noisy-val-eps and --public-size are fixed when a run is created; pass "
                            "them with --sensitive on the run's first stage")
+        if sensitive_test:
+            from ..errors import BadInput
+            raise BadInput("--sensitive-test is recorded when a run is created (with --sensitive); for an existing "
+                           "run pass it to 'dpsynth evaluate --sensitive-test'")
         return None
     return DataSettings(sensitive=sensitive, public=public, resolution=resolution, channels=channels,
                         limit=limit, seed=seed, data_root=data_root, holdout=holdout, noisy_val_eps=noisy_val_eps,
-                        public_size=public_size)
+                        public_size=public_size, sensitive_test=sensitive_test)

@@ -4,8 +4,9 @@ from typing import Optional
 
 import typer
 
+from ..reporting import NOT_ACCOUNTED
 from ..pipeline.evaluate import run_evaluate
-from .common import JsonOpt, QuietOpt, RunOpt, emit, progress_bars
+from .common import JsonOpt, QuietOpt, RunOpt, emit, out, progress_bars
 
 
 def command(
@@ -30,6 +31,15 @@ def command(
                                             help="noisy-val: epsilon to charge now (must fit the run's target); "
                                                  "default: use the budget reserved at run creation."),
     val_noise: str = typer.Option("laplace", "--val-noise", help="noisy-val with --val-eps: laplace or gaussian."),
+    sensitive_test: Optional[str] = typer.Option(None, "--sensitive-test",
+                                                 help="Labelled test set for test accuracy (npz:PATH, "
+                                                      "imagefolder:PATH or a name), same image shape and classes "
+                                                      "as the training set. Default: the one recorded at run "
+                                                      "creation, else the sensitive set's official test split; "
+                                                      "npz:/imagefolder: runs have none and need this."),
+    fidelity_only: bool = typer.Option(False, "--fidelity-only",
+                                       help="Skip the classifiers: only FID/KID/IS/precision/recall (and FLD "
+                                            "when a test set exists) against the sensitive training set."),
     run: str = RunOpt, quiet: bool = QuietOpt, json_out: bool = JsonOpt,
 ) -> None:
     """Train classifiers on the synthetic set, select checkpoints by the protocol, report real-test accuracy
@@ -38,5 +48,10 @@ def command(
         result = run_evaluate(run, protocol=protocol, classifier=classifier, epochs=epochs,
                               feature_public=feature_public, compare_protocols=compare_protocols,
                               val_eps=val_eps, val_noise=val_noise, inception_weights=inception_weights,
-                              fid_max_real=fid_max_real, batch_size=batch_size, progress=progress)
+                              fid_max_real=fid_max_real, batch_size=batch_size, sensitive_test=sensitive_test,
+                              fidelity_only=fidelity_only, progress=progress)
+    if json_out:
+        result = {**result, "not_accounted": NOT_ACCOUNTED}
     emit(result, json_out, f"evaluate → {run}")
+    if not json_out:
+        out.print(NOT_ACCOUNTED, highlight=False, soft_wrap=True)

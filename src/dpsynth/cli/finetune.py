@@ -7,7 +7,7 @@ import typer
 from ..pipeline.finetune import run_finetune
 from .common import (PublicSizeOpt, ArchOpt, ChannelsOpt, DataRootOpt, DeltaOpt, DeviceOpt, HoldoutOpt, JsonOpt, LimitOpt, MethodOpt,
                      NoisyValEpsOpt, PublicOpt, QuietOpt, ResolutionOpt, RunOpt, SeedOpt, SensitiveOpt, emit,
-                     new_run_settings, progress_bars)
+                     new_run_settings, progress_bars, SensitiveTestOpt)
 
 _DEFAULT = " Default: the method's."
 
@@ -46,11 +46,12 @@ def command(
     resolution: Optional[int] = ResolutionOpt, channels: Optional[int] = ChannelsOpt, limit: Optional[int] = LimitOpt,
     seed: int = SeedOpt, delta: Optional[float] = DeltaOpt, holdout: float = HoldoutOpt,
     noisy_val_eps: Optional[float] = NoisyValEpsOpt, public_size: Optional[int] = PublicSizeOpt,
+    sensitive_test: Optional[str] = SensitiveTestOpt,
     quiet: bool = QuietOpt, json_out: bool = JsonOpt,
 ) -> None:
     """DP-SGD fine-tuning; noise is solved so ledger + these steps stay <= --eps."""
     settings = new_run_settings(sensitive, public, resolution, channels, limit, seed, data_root, holdout,
-                                noisy_val_eps, public_size)
+                                noisy_val_eps, public_size, sensitive_test)
     with progress_bars(quiet or json_out) as progress:
         result = run_finetune(run, settings, eps=eps, delta=delta, epochs=epochs, batch_size=batch_size, clip=clip,
                               lr=lr, grad_sample_mode=grad_sample_mode, noise_multiplicity=noise_multiplicity,

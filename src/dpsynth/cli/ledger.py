@@ -16,7 +16,8 @@ def command(run: str = RunOpt, json_out: bool = JsonOpt,
     bounds = compose_epsilon(events, run_dir.delta)
     result = {"run": run, "delta": run_dir.delta, "epsilon": bounds.upper, "epsilon_estimate": bounds.estimate,
               "accountant": bounds.accountant, "target_epsilon": run_dir.manifest["privacy"].get("target_epsilon"),
-              "events": run_dir.manifest["privacy"]["events"]}
+              "events": run_dir.manifest["privacy"]["events"],
+              "assumptions": run_dir.manifest["privacy"].get("assumptions") or {}}
     if rdp:
         result["epsilon_rdp"] = rdp_epsilon(events, run_dir.delta)
     if json_out:
@@ -34,3 +35,5 @@ def command(run: str = RunOpt, json_out: bool = JsonOpt,
     if rdp:
         line += f"; RDP cross-check {result['epsilon_rdp']:.4f}"
     out.print(line)
+    for name, text in result["assumptions"].items():
+        out.print(f"assumes ({name.replace('_', ' ')}): {text}", soft_wrap=True)

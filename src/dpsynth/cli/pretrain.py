@@ -7,7 +7,7 @@ import typer
 from ..pipeline.pretrain import run_pretrain
 from .common import (PublicSizeOpt, ArchOpt, ChannelsOpt, DataRootOpt, DeltaOpt, DeviceOpt, HoldoutOpt, JsonOpt, LimitOpt, MethodOpt,
                      NoisyValEpsOpt, PublicOpt, QuietOpt, ResolutionOpt, RunOpt, SeedOpt, SensitiveOpt, emit,
-                     new_run_settings, progress_bars)
+                     new_run_settings, progress_bars, SensitiveTestOpt)
 
 
 def command(
@@ -25,12 +25,13 @@ def command(
     resolution: Optional[int] = ResolutionOpt, channels: Optional[int] = ChannelsOpt, limit: Optional[int] = LimitOpt,
     seed: int = SeedOpt, delta: Optional[float] = DeltaOpt, holdout: float = HoldoutOpt,
     noisy_val_eps: Optional[float] = NoisyValEpsOpt, public_size: Optional[int] = PublicSizeOpt,
+    sensitive_test: Optional[str] = SensitiveTestOpt,
     quiet: bool = QuietOpt, json_out: bool = JsonOpt,
 ) -> None:
     """Pretrain on the public subset chosen by select-public (or the whole public set), or warm up on DP-FETA's
     central images (a privacy event)."""
     settings = new_run_settings(sensitive, public, resolution, channels, limit, seed, data_root, holdout,
-                                noisy_val_eps, public_size)
+                                noisy_val_eps, public_size, sensitive_test)
     with progress_bars(quiet or json_out) as progress:
         result = run_pretrain(run, settings, epochs=epochs, batch_size=batch_size, lr=lr, method=method,
                               delta=delta, arch=arch, device=device, central_sigma=central_sigma,

@@ -7,7 +7,8 @@ from typing import List
 
 import typer
 
-from ..reporting import DEFAULT_OUT, FORMATS, check_format, format_table, table_records, write_report
+from ..reporting import (DEFAULT_OUT, FORMATS, NOT_ACCOUNTED, check_format, format_table, table_records,
+                         write_report)
 from .common import JsonOpt, err
 
 
@@ -21,10 +22,14 @@ def command(
     check_format(fmt)  # before reading anything, so a typo costs nothing
     report = write_report(runs, out_dir)
     if json_out:
-        payload = {"rows": table_records(report.table), "plots": [str(p) for p in report.plots]}
+        payload = {"rows": table_records(report.table), "plots": [str(p) for p in report.plots],
+                   "not_accounted": NOT_ACCOUNTED}
         sys.stdout.write(json.dumps(payload, default=str) + "\n")
         return
     sys.stdout.write(format_table(report.table, fmt))
     if fmt == "markdown":
+        sys.stdout.write("\n" + NOT_ACCOUNTED + "\n")
         for path in report.plots:
             err.print(f"wrote {path}", highlight=False)
+    else:  # on stderr, so the CSV on stdout stays parseable
+        err.print(NOT_ACCOUNTED, highlight=False, soft_wrap=True)

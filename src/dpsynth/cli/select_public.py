@@ -6,7 +6,7 @@ import typer
 
 from ..pipeline.select_public import run_select_public
 from .common import (PublicSizeOpt, ChannelsOpt, DataRootOpt, DeltaOpt, HoldoutOpt, NoisyValEpsOpt, JsonOpt, LimitOpt, MethodOpt, QuietOpt, ResolutionOpt,
-                     RunOpt, SeedOpt, emit, new_run_settings, progress_bars)
+                     RunOpt, SeedOpt, emit, new_run_settings, progress_bars, SensitiveTestOpt)
 
 
 def command(
@@ -20,11 +20,12 @@ def command(
     resolution: Optional[int] = ResolutionOpt, channels: Optional[int] = ChannelsOpt, limit: Optional[int] = LimitOpt,
     seed: int = SeedOpt, delta: Optional[float] = DeltaOpt, holdout: float = HoldoutOpt,
     noisy_val_eps: Optional[float] = NoisyValEpsOpt, public_size: Optional[int] = PublicSizeOpt,
+    sensitive_test: Optional[str] = SensitiveTestOpt,
     quiet: bool = QuietOpt, json_out: bool = JsonOpt,
 ) -> None:
     """Label the sensitive set with public classes, release a noisy histogram, select public data."""
     settings = new_run_settings(sensitive, public, resolution, channels, limit, seed, data_root, holdout,
-                                noisy_val_eps, public_size)
+                                noisy_val_eps, public_size, sensitive_test)
     with progress_bars(quiet or json_out) as progress:
         result = run_select_public(run, settings, sigma=sigma, eps_query=eps_query, top_k=top_k, select=select,
                                    delta=delta, method=method, progress=progress)

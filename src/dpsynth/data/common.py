@@ -16,6 +16,16 @@ from .registry import LoadRequest
 
 ROOT_HINT = "set --data-root or DPSYNTH_DATA"
 
+# Names (and 'prefix:' forms) whose 'test' split is not disjoint from 'train': the loader serves one
+# source as both splits, or refuses 'test'. Test accuracy on them needs a separate test set.
+NO_DISJOINT_TEST: set[str] = set()
+
+
+def has_disjoint_test(name: str) -> bool:
+    """Whether dataset `name` has a test split that shares no source with its train split."""
+    head, colon, _ = str(name).partition(":")
+    return (head.lower() + ":" if colon else head.lower()) not in NO_DISJOINT_TEST
+
 
 def one_line(text: object) -> str:
     """Collapse whitespace: library messages can span lines, ours must not."""

@@ -12,7 +12,7 @@ import numpy as np
 
 from dpsynth.errors import BadInput, DatasetNotFound
 
-from .common import labels_tensor, not_found, one_line, to_nchw
+from .common import NO_DISJOINT_TEST, labels_tensor, not_found, one_line, to_nchw
 from .imageset import ImageSet
 from .registry import LoadRequest, register_dataset
 
@@ -124,4 +124,5 @@ def load_camelyon(req: LoadRequest) -> ImageSet:
 
 
 register_dataset("npz:", load_npz)
+NO_DISJOINT_TEST.add("npz:")
 register_dataset("camelyon", load_camelyon)

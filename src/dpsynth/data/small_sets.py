@@ -13,7 +13,7 @@ import numpy as np
 
 from dpsynth.errors import BadInput, DatasetNotFound
 
-from .common import labels_tensor, not_found, one_line, only_train, to_nchw
+from .common import NO_DISJOINT_TEST, labels_tensor, not_found, one_line, only_train, to_nchw
 from .imageset import ImageSet
 from .registry import LoadRequest, register_dataset
 
@@ -110,4 +110,5 @@ def load_imagenet32(req: LoadRequest) -> ImageSet:
 
 register_dataset("mnist5k", load_mnist5k)
 register_dataset("digits", load_digits)
+NO_DISJOINT_TEST.update(("mnist5k", "digits"))  # single split: test is refused
 register_dataset("imagenet32", load_imagenet32)

@@ -16,7 +16,7 @@ from PIL import Image
 from dpsynth.errors import BadInput, DatasetNotFound
 
 from . import fashion
-from .common import decode_files, labels_tensor, not_found, one_line, to_nchw
+from .common import NO_DISJOINT_TEST, decode_files, labels_tensor, not_found, one_line, to_nchw
 from .imageset import ImageSet
 from .registry import LoadRequest, register_dataset
 
@@ -170,6 +170,7 @@ def _register() -> None:
     register_dataset("eurosat", load_eurosat)
     register_dataset("places365", load_places365)
     register_dataset("imagefolder:", load_imagefolder)
+    NO_DISJOINT_TEST.add("imagefolder:")
 
 
 _register()

@@ -21,6 +21,7 @@ from ..privacy.owner_key import OwnerKey, check_outside, load_owner_key
 from .rundir import RunDir
 from ..mechanisms.noisy_val import reservation_event
 from .holdout import check_holdout, holdout_record, split_off
+from .sensitive_test import load_sensitive_test
 
 # progress(phase, done, total); the CLI draws rich bars from it, the library never prints.
 Progress = Callable[[str, int, int], None]
@@ -44,6 +45,7 @@ class DataSettings:
     holdout: float = 0.0  # share of the sensitive train set kept from the generator for noisy-val
     noisy_val_eps: float | None = None  # epsilon reserved in the ledger at creation for noisy-val
     public_size: int | None = None  # declared N: replaces the true size wherever N enters q, T, delta or a mean
+    sensitive_test: str | None = None  # labelled test set disjoint from training (npz:/imagefolder: need one)
 
     def __post_init__(self) -> None:
         check_holdout(self.holdout)
@@ -181,6 +183,10 @@ def check_same_data(run: RunDir, images: ImageSet, key: str = "sensitive") -> No
     legacy = record.get("fingerprint")
     if legacy:
         if content_digest(images) != legacy:
+            settings = settings_from_run(run)
+            if settings.limit is not None or settings.holdout:
+                raise RunDirError(f"{run.path} was made by an earlier dpsynth whose --limit/--holdout subset was a "
+                                  f"shuffle (not 1-stable); this version cannot reproduce it: start a new run")
             raise RunDirError(f"{key} dataset {images.name} differs from the one this run was created with "
                               f"(legacy fingerprints differ); use a new --run directory")
         del record["fingerprint"]
@@ -212,6 +218,10 @@ def open_or_create_run(run_path: str | Path, *, method: str | None, settings: Da
         if settings and settings.public_size is not None and settings.public_size != recorded.public_size:
             raise BadInput(f"--public-size {settings.public_size} differs from this run's {recorded.public_size}; "
                            f"it is fixed at creation")
+        if settings and settings.sensitive_test and settings.sensitive_test != recorded.sensitive_test:
+            raise BadInput(f"--sensitive-test {settings.sensitive_test} differs from this run's "
+                           f"{recorded.sensitive_test or 'none'}; it is recorded at creation (give it to "
+                           f"'dpsynth evaluate --sensitive-test' instead)")
         if delta is not None and delta != run.delta:
             raise BadInput(f"--delta {delta:g} differs from this run's delta {run.delta:g}; delta is fixed per run")
         sensitive = load_sensitive(recorded)
@@ -228,6 +238,8 @@ def open_or_create_run(run_path: str | Path, *, method: str | None, settings: Da
         raise BadInput(f"sensitive dataset {settings.sensitive} has no labels; the conditional generators need them")
     # The hold-out is decided here, before any mechanism reads the data, and never changes.
     sensitive, held = split_off(full, settings.holdout, settings.seed, owner)
+    if settings.sensitive_test:  # checked now, so a typo or a mismatched file costs no privacy budget
+        load_sensitive_test(settings.sensitive_test, settings, sensitive)
     # delta is per protected image: N counts the hold-out too (it is sensitive data as well).
     if settings.public_size is not None:
         n = settings.limit or settings.public_size

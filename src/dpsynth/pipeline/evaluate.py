@@ -1,6 +1,9 @@
 """Stage `evaluate`: utility under DPImageBench's protocols and fidelity on a named feature network.
 
-Evaluation against the sensitive test set is reporting, not release. The one selection
+Evaluation against the sensitive test set is reporting, not release. Test accuracy needs a test
+set disjoint from the training set: named sets keep their official test split, `npz:` and
+`imagefolder:` runs need `--sensitive-test` (else accuracy is refused, never measured on the
+training images). The one selection
 that reads sensitive data the generator never saw, noisy-val, is a ledger event: it is
 either reserved at run creation (`--noisy-val-eps`) or charged here, and a charge that
 would take the run past its target epsilon is refused before anything is written.
@@ -19,6 +22,7 @@ import pandas as pd
 import torch
 
 from ..data import load_dataset
+from ..data.common import has_disjoint_test
 from ..data.registry import data_root
 from ..errors import BadInput, BudgetExhausted
 from ..evaluation.feature_cache import FeatureCache
@@ -39,9 +43,11 @@ from .common import (Progress, cache_dir, check_positive, check_same_data, load_
 from .lifecycle import stage_run
 from .names import EVALUATE as STAGE, GENERATE as GENERATE_STAGE, RESULTS_CSV, SYNTHETIC
 from .query_cache import query_net_for
+from .sensitive_test import describe as describe_test, load_sensitive_test, no_test_set
 
 DEFAULT_FEATURE_PUBLIC = "mnist5k"
 RESERVED = "(reserved at run creation)"
+FIDELITY_ONLY = "fidelity-only"  # results key of an evaluation that trains no classifier
 IMAGE_REWARD_UNAVAILABLE = ("unavailable: ImageReward needs its reward model (ImageReward-v1.0) and BLIP/BERT "
                             "weights from Hugging Face, which this offline machine cannot fetch; it also scores "
                             "text-image alignment, so it needs a prompt per class")
@@ -52,11 +58,17 @@ ACCURACY_NOTE = ("accuracy = best over the classifiers of their real-test accura
 def run_evaluate(run_path: str | Path, *, protocol: str = DP_SAFE, classifier: str = "cnn", epochs: int = 10,
                  feature_public: str | None = None, fid_max_real: int = 10000, compare_protocols: bool = False,
                  val_eps: float | None = None, val_noise: str = "laplace", inception_weights: str | None = None,
-                 batch_size: int = 256, progress: Progress = no_progress) -> dict:
+                 batch_size: int = 256, sensitive_test: str | None = None, fidelity_only: bool = False,
+                 progress: Progress = no_progress) -> dict:
     """Evaluate the run's synthetic set. With `compare_protocols`, the same classifiers are also
     selected on the sensitive hold-out (noisy-val, when the run has one) and on the real test set
-    (the flawed practice) to show how much the latter overstates accuracy."""
+    (the flawed practice) to show how much the latter overstates accuracy. `sensitive_test`
+    (default: the one recorded at creation, else the official test split) is the test set;
+    `fidelity_only` skips the classifiers (then no test set is needed)."""
     check_protocol(protocol)
+    if fidelity_only and (compare_protocols or protocol != DP_SAFE or val_eps is not None):
+        raise BadInput("--fidelity-only trains no classifier; it takes no --protocol, --compare-protocols or "
+                       "--val-eps")
     check_positive("--epochs", epochs, integer=True)
     check_positive("--fid-max-real", fid_max_real, integer=True)
     check_positive("--batch-size", batch_size, integer=True)
@@ -70,8 +82,12 @@ def run_evaluate(run_path: str | Path, *, protocol: str = DP_SAFE, classifier: s
         fake_images, fake_labels = torch.from_numpy(npz["images"]), torch.from_numpy(npz["labels"]).long()
     settings = settings_from_run(run)
     sens = run.manifest["sensitive"]
+    test_spec = sensitive_test or settings.sensitive_test
+    has_test = test_spec is not None or has_disjoint_test(settings.sensitive)
+    if not has_test and not fidelity_only:
+        raise BadInput(no_test_set(settings.sensitive))  # never a "test accuracy" on the training images
 
-    protocols = list(PROTOCOLS) if compare_protocols else [protocol]
+    protocols = [] if fidelity_only else list(PROTOCOLS) if compare_protocols else [protocol]
     unavailable = {}
     if NOISY_VAL in protocols and not (run.manifest.get("holdout") or {}).get("size"):
         reason = (f"run {run.path} has no sensitive hold-out; noisy-val needs one: create the run with "
@@ -90,6 +106,11 @@ def run_evaluate(run_path: str | Path, *, protocol: str = DP_SAFE, classifier: s
                 raise
             protocols.remove(NOISY_VAL)  # a comparison still runs the two protocols that cost nothing
             unavailable[NOISY_VAL] = f"unavailable: {exc}"
+    real = load_sensitive(settings)  # the training set, for fidelity; checked before anything is written
+    check_same_data(run, real)
+    # A user-given test set is checked against the training set now, so a mismatch writes nothing; it is
+    # held here and handed to the classifiers only through load_test, after selection, like a named one.
+    given_test = load_sensitive_test(test_spec, settings, real) if test_spec else None
     features = _feature_network(run, settings, feature_public, inception_weights)
     holdout = load_holdout(run) if plan else None
 
@@ -97,26 +118,35 @@ def run_evaluate(run_path: str | Path, *, protocol: str = DP_SAFE, classifier: s
 
     def load_test():  # the sensitive test set, loaded at most once and only when first needed
         if not test_cache:
-            test = load_sensitive(replace(settings, limit=None), split="test")
+            test = given_test if given_test is not None else load_sensitive(replace(settings, limit=None),
+                                                                            split="test")
+            test_cache["set"] = test
             test_cache["data"] = (test.images, test.labels)
         return test_cache["data"]
 
-    config = {"protocols": protocols, "classifiers": classifiers, "epochs": epochs, "batch_size": batch_size,
-              "feature_network": features.name, "val_noise": plan["noise"] if plan else None}
+    config = {"protocols": protocols or [FIDELITY_ONLY], "classifiers": [] if fidelity_only else classifiers,
+              "epochs": epochs, "batch_size": batch_size, "feature_network": features.name,
+              "val_noise": plan["noise"] if plan else None, "sensitive_test": test_spec}
     with stage_run(run, STAGE, config, inputs=[SYNTHETIC]):
         noisy = _charge(run, plan, holdout) if plan else None  # write-ahead: before any noisy count exists
-        utilities = evaluate_protocols(fake_images, fake_labels, load_test, sens["num_classes"],
-                                       protocols=protocols, classifiers=classifiers, noisy_val=noisy,
-                                       epochs=epochs, batch_size=batch_size, seed=settings.seed,
-                                       progress=progress)
-        fidelity = _fidelity(run, settings, fake_images, load_test()[0], features, fid_max_real, batch_size,
-                             progress)
-        per_protocol = {name: _result_row(run, utility, fidelity, plan, len(fake_images))
-                        for name, utility in utilities.items()}
+        utilities = {} if fidelity_only else evaluate_protocols(
+            fake_images, fake_labels, load_test, sens["num_classes"], protocols=protocols,
+            classifiers=classifiers, noisy_val=noisy, epochs=epochs, batch_size=batch_size, seed=settings.seed,
+            progress=progress)
+        fidelity = _fidelity(run, settings, real, fake_images, load_test()[0] if has_test else None, features,
+                             fid_max_real, batch_size, progress)
+        fidelity["test_set"] = describe_test(test_spec, settings.sensitive, test_cache.get("set"))
+        if fidelity_only:
+            per_protocol = {FIDELITY_ONLY: _fidelity_row(run, fidelity, len(fake_images))}
+        else:
+            per_protocol = {name: _result_row(run, utility, fidelity, plan, len(fake_images))
+                            for name, utility in utilities.items()}
         table = pd.DataFrame([{"run": run.manifest["run_id"], "method": run.manifest["method"],
                                "sensitive": sens["name"], **_flat(row)} for row in per_protocol.values()])
         run.write_artifact(STAGE, RESULTS_CSV, table.to_csv(index=False).encode())
         run.manifest["results"].update(per_protocol)
+    if fidelity_only:
+        return {k: v for k, v in per_protocol[FIDELITY_ONLY].items() if k != "per_classifier"}
     return _summary(per_protocol, protocol, compare_protocols, unavailable)
 
 
@@ -200,12 +230,11 @@ def feature_cache_dir(settings) -> Path:
     return Path(os.environ.get("DPSYNTH_FEATURE_CACHE") or data_root(settings.data_root) / "features")
 
 
-def _fidelity(run, settings, fake_images, test_images, features, fid_max_real, batch_size, progress,
+def _fidelity(run, settings, real, fake_images, test_images, features, fid_max_real, batch_size, progress,
               max_pr: int = 5000, max_fld: int = 2000) -> dict:
     """FID/KID (up to fid_max_real real images), precision/recall (k=4, up to 5,000 per set), FLD (its EM
-    fit is quadratic: up to 2,000 per set) and IS, all on one named network, against the sensitive train set."""
-    real = load_sensitive(settings)
-    check_same_data(run, real)
+    fit is quadratic: up to 2,000 per set) and IS, all on one named network, against the sensitive train set
+    `real`. FLD also needs the test set; without one (`test_images` None) it is not computed."""
     gen = torch.Generator().manual_seed(settings.seed)
 
     def capped(images, n):
@@ -219,10 +248,14 @@ def _fidelity(run, settings, fake_images, test_images, features, fid_max_real, b
 
     real_images = capped(real.images, fid_max_real)
     f_real, f_fake = feats(real_images, "features-real"), feats(fake_images, "features-fake")
-    f_test = feats(capped(test_images, max_pr), "features-real-test")
     pr_real, pr_fake = capped(torch.from_numpy(f_real), max_pr), capped(torch.from_numpy(f_fake), max_pr)
     pr = precision_recall(pr_real, pr_fake, k=4)
-    fld_value = fld(pr_real[:max_fld], torch.from_numpy(f_test)[:max_fld], pr_fake[:max_fld], seed=settings.seed)
+    fld_value, fld_samples = None, 0
+    if test_images is not None:  # FLD's generalisation term scores held-out real images
+        f_test = feats(capped(test_images, max_pr), "features-real-test")
+        fld_value = fld(pr_real[:max_fld], torch.from_numpy(f_test)[:max_fld], pr_fake[:max_fld],
+                        seed=settings.seed)
+        fld_samples = int(min(max_fld, len(pr_real), len(pr_fake), len(f_test)))
     probs = cache.get(fake_images, features, "probabilities", lambda: extract_probabilities(
         fake_images, features, batch_size=batch_size, progress=progress, phase="class-probabilities-fake"))
     is_mean, is_std = inception_score(probs, splits=min(10, len(probs)))
@@ -237,8 +270,9 @@ def _fidelity(run, settings, fake_images, test_images, features, fid_max_real, b
             ("is", is_mean), ("is_std", is_std))},
         "feature_network": features.name,
         "feature_kind": features.kind,
-        "fid_reference": f"{run.manifest['sensitive']['name']} train ({len(f_real)} images)",
-        "fld_samples": int(min(max_fld, len(pr_real), len(pr_fake), len(f_test))),
+        "fid_reference": f"sensitive training set: {run.manifest['sensitive']['name']} ({len(f_real)} images "
+                         f"the generator was trained on)",
+        "fld_samples": fld_samples,
         "image_reward": None,
         "image_reward_note": IMAGE_REWARD_UNAVAILABLE,
         "fid_note": note,
@@ -247,6 +281,14 @@ def _fidelity(run, settings, fake_images, test_images, features, fid_max_real, b
 
 
 # ---- results ----------------------------------------------------------------------------------
+def _fidelity_row(run, fidelity, n_synthetic) -> dict:
+    """A --fidelity-only result: no classifier, so no accuracy and no checkpoint selection."""
+    return {"protocol": FIDELITY_ONLY, "dp_safe": True, "classifier": None, "accuracy": None,
+            "accuracy_note": "not measured (--fidelity-only)", "per_classifier": {},
+            **{k: v for k, v in fidelity.items() if k != "feature_cache"},
+            "n_synthetic": int(n_synthetic), "epsilon": run.manifest["privacy"]["epsilon"], "delta": run.delta}
+
+
 def _result_row(run, utility, fidelity, plan, n_synthetic) -> dict:
     result = utility.to_dict()
     row = {
