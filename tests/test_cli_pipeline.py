@@ -9,7 +9,7 @@ from prv_accountant import GaussianMechanism, PoissonSubsampledGaussianMechanism
 
 from cli_helpers import dpsynth, snapshot
 
-SMALL = ["--limit", "2000"]
+SMALL = ["--limit", "2000", "--public-size", "60000"]  # declared N = 2000 exactly
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +35,7 @@ def test_manifest_records_every_stage_and_artifact(run_dir):
     manifest = yaml.safe_load((run / "manifest.yaml").read_text())
     assert manifest["method"] == "privimage-cvae"
     assert manifest["sensitive"]["name"] == "fashionmnist" and manifest["sensitive"]["size"] == 2000
-    assert manifest["sensitive"]["fingerprint"].startswith("sha256:")
+    assert manifest["sensitive"]["tag"].startswith("hmac-sha256:") and "fingerprint" not in manifest["sensitive"]
     assert manifest["public"]["name"] == "mnist5k"
     for stage in ("select-public", "pretrain", "finetune", "generate", "evaluate"):
         entry = manifest["stages"][stage]
