@@ -14,7 +14,7 @@ from dpsynth.errors import BadInput, DatasetNotFound
 from .imageset import resize_images
 from .registry import LoadRequest
 
-ROOT_HINT = "set --data-root or DPSYNTH_DATA"
+ROOT_HINT = "set `data_root` or DPSYNTH_DATA"
 
 
 def one_line(text: object) -> str:

@@ -28,6 +28,7 @@ from dpsynth.evaluation.classifiers import build_classifier, classifier_names, p
 from dpsynth.evaluation.selection import DP_SAFE, NOISY_VAL, PROTOCOLS, TEST_SET, best_epoch, check_protocol, is_dp_safe
 from dpsynth.mechanisms.noisy_val import add_noise
 from dpsynth.evaluation.splits import stratified_split
+from dpsynth.validation import check_positive
 
 Progress = Callable[[str, int, int], None]
 # Real test data: tensors, or a Dataset of (uint8 image (C,H,W), label) pairs whose reads can be audited.
@@ -130,11 +131,11 @@ def parse_classifiers(spec: str | Sequence[str]) -> list[str]:
         for name in CLASSIFIER_GROUPS.get(part, (part,)):
             if name not in classifier_names():
                 allowed = ", ".join([*classifier_names(), *CLASSIFIER_GROUPS])
-                raise BadInput(f"--classifier {part!r} is unknown; allowed: {allowed} (comma-separated)")
+                raise BadInput(f"classifier={part!r} is unknown; allowed: {allowed} (comma-separated)")
             if name not in names:
                 names.append(name)
     if not names:
-        raise BadInput("--classifier is empty; give at least one of " + ", ".join(classifier_names()))
+        raise BadInput("`classifier` is empty; give at least one of " + ", ".join(classifier_names()))
     return names
 
 
@@ -356,12 +357,9 @@ def _check_settings(protocols, classifiers, epochs, batch_size, lr, num_classes,
     for classifier in classifiers:
         if classifier not in classifier_names():
             raise BadInput(f"unknown classifier {classifier!r}; allowed: {', '.join(classifier_names())}")
-    if epochs < 1:
-        raise BadInput(f"epochs must be >= 1, got {epochs}")
-    if batch_size < 1:
-        raise BadInput(f"batch_size must be >= 1, got {batch_size}")
-    if not lr > 0:
-        raise BadInput(f"lr must be > 0, got {lr}")
+    check_positive("epochs", epochs, integer=True)
+    check_positive("batch_size", batch_size, integer=True)
+    check_positive("lr", lr)
     if num_classes < 2:
         raise BadInput(f"num_classes must be >= 2, got {num_classes}")
     if image_shape[1] != image_shape[2]:

@@ -34,7 +34,8 @@ from ..evaluation.utility import NoisyVal, evaluate_protocols, parse_classifiers
 from ..privacy.accountant import compose_epsilon
 from ..privacy.events import event_from_dict
 from .rundir import RunDir, now
-from .common import (Progress, cache_dir, check_positive, check_same_data, load_holdout, load_sensitive,
+from ..validation import check_positive
+from .common import (Progress, cache_dir, check_same_data, load_holdout, load_sensitive,
                      no_progress, settings_from_run)
 from .lifecycle import stage_run
 from .names import EVALUATE as STAGE, GENERATE as GENERATE_STAGE, RESULTS_CSV, SYNTHETIC
@@ -57,12 +58,12 @@ def run_evaluate(run_path: str | Path, *, protocol: str = DP_SAFE, classifier: s
     selected on the sensitive hold-out (noisy-val, when the run has one) and on the real test set
     (the flawed practice) to show how much the latter overstates accuracy."""
     check_protocol(protocol)
-    check_positive("--epochs", epochs, integer=True)
-    check_positive("--fid-max-real", fid_max_real, integer=True)
-    check_positive("--batch-size", batch_size, integer=True)
+    check_positive("epochs", epochs, integer=True)
+    check_positive("fid_max_real", fid_max_real, integer=True)
+    check_positive("batch_size", batch_size, integer=True)
     check_noise(val_noise)
     if val_eps is not None:
-        check_positive("--val-eps", val_eps)
+        check_positive("val_eps", val_eps)
     classifiers = parse_classifiers(classifier)
     run = RunDir.open(run_path)
     run.require_stage(GENERATE_STAGE, STAGE)
@@ -75,7 +76,7 @@ def run_evaluate(run_path: str | Path, *, protocol: str = DP_SAFE, classifier: s
     unavailable = {}
     if NOISY_VAL in protocols and not (run.manifest.get("holdout") or {}).get("size"):
         reason = (f"run {run.path} has no sensitive hold-out; noisy-val needs one: create the run with "
-                  f"--holdout FRACTION (e.g. --holdout 0.1)")
+                  f"`holdout` FRACTION (e.g. `holdout` 0.1)")
         if not compare_protocols:
             raise BadInput(reason)
         protocols.remove(NOISY_VAL)
@@ -139,8 +140,8 @@ def _plan_noisy_val(run: RunDir, num_counts: int, val_eps: float | None, noise: 
                 "num_counts": num_counts, "epsilon_after": run.manifest["privacy"]["epsilon"]}
     if val_eps is None:
         raise BudgetExhausted("noisy-val needs privacy budget: this run reserved none (or used it); pass "
-                              "--val-eps EPS (it must fit the run's target epsilon) or create the run with "
-                              "--holdout F --noisy-val-eps EPS so fine-tuning leaves room for it")
+                              "`val_eps` EPS (it must fit the run's target epsilon) or create the run with "
+                              "`holdout` F `noisy_val_eps` EPS so fine-tuning leaves room for it")
     target = run.manifest["privacy"].get("target_epsilon")
     spent = run.events()
     event = charge_event(val_eps, noise, num_counts, spent, run.delta)
@@ -148,9 +149,9 @@ def _plan_noisy_val(run: RunDir, num_counts: int, val_eps: float | None, noise: 
     if target is None or after.upper > float(target):
         limit = "has no target epsilon (finetune sets it)" if target is None else f"has target epsilon {target:g}"
         raise BudgetExhausted(
-            f"--val-eps {val_eps:g} would take the run's epsilon from {run.manifest['privacy']['epsilon']:.3f} to "
+            f"val_eps={val_eps:g} would take the run's epsilon from {run.manifest['privacy']['epsilon']:.3f} to "
             f"{after.upper:.3f}, but the run {limit}; reserve noisy-val budget at run creation "
-            f"(--holdout F --noisy-val-eps EPS) or use --protocol dp-safe-selection (free)")
+            f"(`holdout` F `noisy_val_eps` EPS) or use `protocol` dp-safe-selection (free)")
     return {"event": event, "new": True, "noise": noise, "scale": noisy_val_scale(event, num_counts),
             "num_counts": num_counts, "after": after, "epsilon_after": after.upper}
 
@@ -229,7 +230,7 @@ def _fidelity(run, settings, fake_images, test_images, features, fid_max_real, b
     suffix = "_inception" if features.kind == INCEPTION else "_domain"
     note = ("Inception-v3 features (clean-fid weights)" if features.kind == INCEPTION else
             "domain-feature metrics on the named network (trained on public data only); not comparable to "
-            "Inception FID/IS: no Inception weights on this machine (pass --inception-weights PATH)")
+            "Inception FID/IS: no Inception weights on this machine (pass `inception_weights` PATH)")
     return {
         **{name + suffix: value for name, value in (
             ("fid", fid_from_features(f_real, f_fake)), ("kid", kid_from_features(f_real, f_fake, settings.seed)),
