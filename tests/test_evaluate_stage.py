@@ -161,7 +161,7 @@ def test_noisy_val_without_a_holdout_is_bad_input_and_changes_nothing(tmp_path, 
     with pytest.raises(BadInput, match="fixed at creation"):
         open_or_create_run(bare.path, method=None, settings=DataSettings(**SETTINGS, holdout=0.1), delta=None)
     assert snapshot(bare.path) == before
-    with pytest.raises(BadInput, match="--holdout"):
+    with pytest.raises(BadInput, match="holdout=0.9"):
         DataSettings(**SETTINGS, holdout=0.9)
     with pytest.raises(BadInput, match="needs a sensitive hold-out"):
         DataSettings(**SETTINGS, noisy_val_eps=0.1)

@@ -5,7 +5,7 @@ from typing import Optional
 import typer
 
 from ..pipeline.evaluate import run_evaluate
-from .common import JsonOpt, QuietOpt, RunOpt, emit, progress_bars
+from .common import DeviceOpt, JsonOpt, QuietOpt, RunOpt, emit, progress_bars
 
 
 def command(
@@ -30,7 +30,7 @@ def command(
                                             help="noisy-val: epsilon to charge now (must fit the run's target); "
                                                  "default: use the budget reserved at run creation."),
     val_noise: str = typer.Option("laplace", "--val-noise", help="noisy-val with --val-eps: laplace or gaussian."),
-    run: str = RunOpt, quiet: bool = QuietOpt, json_out: bool = JsonOpt,
+    device: str = DeviceOpt, run: str = RunOpt, quiet: bool = QuietOpt, json_out: bool = JsonOpt,
 ) -> None:
     """Train classifiers on the synthetic set, select checkpoints by the protocol, report real-test accuracy
     and FID, KID, IS, precision/recall and FLD against the sensitive training set."""
@@ -38,5 +38,6 @@ def command(
         result = run_evaluate(run, protocol=protocol, classifier=classifier, epochs=epochs,
                               feature_public=feature_public, compare_protocols=compare_protocols,
                               val_eps=val_eps, val_noise=val_noise, inception_weights=inception_weights,
-                              fid_max_real=fid_max_real, batch_size=batch_size, progress=progress)
+                              fid_max_real=fid_max_real, batch_size=batch_size, device=device,
+                              progress=progress)
     emit(result, json_out, f"evaluate → {run}")

@@ -215,46 +215,6 @@ def _kernel(real: np.ndarray, fake: np.ndarray, seed: int) -> float:
         np.random.set_state(state)
 
 
-def compute_fidelity(
-    real_images: torch.Tensor,
-    fake_images: torch.Tensor,
-    feature_net: FeatureNetwork,
-    *,
-    device: str | torch.device = "cpu",
-    batch_size: int = 256,
-    kid: bool = True,
-    kid_seed: int = 0,
-    progress: Progress | None = None,
-) -> dict:
-    """FID (and KID) between two uint8 image sets on `feature_net`.
-
-    Returns {"fid", "kid" (None when kid=False), "feature_network", "n_real", "n_fake"}.
-    """
-    check_images(real_images, "real_images")
-    check_images(fake_images, "fake_images")
-    if not isinstance(feature_net, FeatureNetwork) or not feature_net.name:
-        raise BadInput("feature_net must be a FeatureNetwork with a non-empty name")
-    check_positive("batch_size", batch_size, integer=True)
-    for what, imgs in (("real_images", real_images), ("fake_images", fake_images)):
-        if imgs.shape[0] < 2:
-            raise BadInput(f"{what} has {imgs.shape[0]} image(s); FID needs at least 2 per set")
-    device = torch.device(device)
-
-    real = _features(real_images, feature_net, device, batch_size, progress, "features-real")
-    fake = _features(fake_images, feature_net, device, batch_size, progress, "features-fake")
-    if real.shape[1] != fake.shape[1]:
-        raise BadInput(f"feature dims differ: real {real.shape[1]} vs fake {fake.shape[1]}")
-
-    result = {
-        "fid": _frechet(real, fake),
-        "kid": _kernel(real, fake, kid_seed) if kid else None,
-        "feature_network": feature_net.name,
-        "n_real": int(real.shape[0]),
-        "n_fake": int(fake.shape[0]),
-    }
-    return result
-
-
 def fid_from_features(real: np.ndarray, fake: np.ndarray) -> float:
     """clean-fid's Frechet distance between the Gaussians fitted to two (N, D) feature sets."""
     return _frechet(np.asarray(real, dtype=np.float64), np.asarray(fake, dtype=np.float64))

@@ -30,7 +30,8 @@ from ..evaluation.inception_score import inception_score
 from ..evaluation.manifold import precision_recall
 from ..evaluation.selection import DP_SAFE, NOISY_VAL, PROTOCOLS, TEST_SET, check_protocol
 from ..mechanisms.noisy_val import charge_event, check_noise, noise_rng, noisy_val_scale
-from ..evaluation.utility import NoisyVal, evaluate_protocols, parse_classifiers
+from ..evaluation.results import NoisyVal
+from ..evaluation.utility import evaluate_protocols, parse_classifiers
 from ..privacy.accountant import compose_epsilon
 from ..privacy.events import event_from_dict
 from .rundir import RunDir, now
@@ -40,6 +41,7 @@ from .common import (Progress, cache_dir, check_same_data, load_holdout, load_se
 from .lifecycle import stage_run
 from .names import EVALUATE as STAGE, GENERATE as GENERATE_STAGE, RESULTS_CSV, SYNTHETIC
 from .query_cache import query_net_for
+from ..training.device import resolve_device
 
 DEFAULT_FEATURE_PUBLIC = "mnist5k"
 RESERVED = "(reserved at run creation)"
@@ -53,8 +55,9 @@ ACCURACY_NOTE = ("accuracy = best over the classifiers of their real-test accura
 def run_evaluate(run_path: str | Path, *, protocol: str = DP_SAFE, classifier: str = "cnn", epochs: int = 10,
                  feature_public: str | None = None, fid_max_real: int = 10000, compare_protocols: bool = False,
                  val_eps: float | None = None, val_noise: str = "laplace", inception_weights: str | None = None,
-                 batch_size: int = 256, progress: Progress = no_progress) -> dict:
-    """Evaluate the run's synthetic set. With `compare_protocols`, the same classifiers are also
+                 batch_size: int = 256, device: str | None = None, progress: Progress = no_progress) -> dict:
+    """Evaluate the run's synthetic set on `device` (auto: the GPU when one is visible): classifier
+    training and feature extraction run there. With `compare_protocols`, the same classifiers are also
     selected on the sensitive hold-out (noisy-val, when the run has one) and on the real test set
     (the flawed practice) to show how much the latter overstates accuracy."""
     check_protocol(protocol)
@@ -65,6 +68,7 @@ def run_evaluate(run_path: str | Path, *, protocol: str = DP_SAFE, classifier: s
     if val_eps is not None:
         check_positive("val_eps", val_eps)
     classifiers = parse_classifiers(classifier)
+    torch_device = resolve_device(device)
     run = RunDir.open(run_path)
     run.require_stage(GENERATE_STAGE, STAGE)
     with np.load(io.BytesIO(run.read_artifact(SYNTHETIC))) as npz:
@@ -91,7 +95,7 @@ def run_evaluate(run_path: str | Path, *, protocol: str = DP_SAFE, classifier: s
                 raise
             protocols.remove(NOISY_VAL)  # a comparison still runs the two protocols that cost nothing
             unavailable[NOISY_VAL] = f"unavailable: {exc}"
-    features = _feature_network(run, settings, feature_public, inception_weights)
+    features = _feature_network(run, settings, feature_public, inception_weights, torch_device)
     holdout = load_holdout(run) if plan else None
 
     test_cache: dict = {}
@@ -103,15 +107,16 @@ def run_evaluate(run_path: str | Path, *, protocol: str = DP_SAFE, classifier: s
         return test_cache["data"]
 
     config = {"protocols": protocols, "classifiers": classifiers, "epochs": epochs, "batch_size": batch_size,
-              "feature_network": features.name, "val_noise": plan["noise"] if plan else None}
+              "feature_network": features.name, "val_noise": plan["noise"] if plan else None,
+              "device": str(torch_device)}
     with stage_run(run, STAGE, config, inputs=[SYNTHETIC]):
         noisy = _charge(run, plan, holdout) if plan else None  # write-ahead: before any noisy count exists
         utilities = evaluate_protocols(fake_images, fake_labels, load_test, sens["num_classes"],
                                        protocols=protocols, classifiers=classifiers, noisy_val=noisy,
                                        epochs=epochs, batch_size=batch_size, seed=settings.seed,
-                                       progress=progress)
+                                       device=torch_device, progress=progress)
         fidelity = _fidelity(run, settings, fake_images, load_test()[0], features, fid_max_real, batch_size,
-                             progress)
+                             progress, torch_device)
         per_protocol = {name: _result_row(run, utility, fidelity, plan, len(fake_images))
                         for name, utility in utilities.items()}
         table = pd.DataFrame([{"run": run.manifest["run_id"], "method": run.manifest["method"],
@@ -168,11 +173,12 @@ def _charge(run: RunDir, plan: dict, holdout) -> NoisyVal:
 
 
 # ---- fidelity ---------------------------------------------------------------------------------
-def _feature_network(run: RunDir, settings, feature_public: str | None, inception_weights: str | None):
+def _feature_network(run: RunDir, settings, feature_public: str | None, inception_weights: str | None,
+                     device: torch.device):
     """Inception-v3 when its weights are on disk (or given), else the public-only domain network."""
     path = find_inception_weights(inception_weights, search=(cache_dir(),))
     if path is not None:
-        return inception_network(path)
+        return inception_network(path, device)
     sens = run.manifest["sensitive"]
     name = feature_public or (run.manifest.get("public") or {}).get("name") or DEFAULT_FEATURE_PUBLIC
     public = _public_set(name, settings.data_root, sens["resolution"], sens["channels"])
@@ -187,7 +193,7 @@ def _feature_network(run: RunDir, settings, feature_public: str | None, inceptio
             return self.net.features(x)
 
     return make_feature_network(Features(), identity, input_channels=sens["channels"],
-                                resolution=sens["resolution"], classifier=net)
+                                resolution=sens["resolution"], device=device, classifier=net)
 
 
 @functools.lru_cache(maxsize=2)
@@ -201,7 +207,7 @@ def feature_cache_dir(settings) -> Path:
     return Path(os.environ.get("DPSYNTH_FEATURE_CACHE") or data_root(settings.data_root) / "features")
 
 
-def _fidelity(run, settings, fake_images, test_images, features, fid_max_real, batch_size, progress,
+def _fidelity(run, settings, fake_images, test_images, features, fid_max_real, batch_size, progress, device,
               max_pr: int = 5000, max_fld: int = 2000) -> dict:
     """FID/KID (up to fid_max_real real images), precision/recall (k=4, up to 5,000 per set), FLD (its EM
     fit is quadratic: up to 2,000 per set) and IS, all on one named network, against the sensitive train set."""
@@ -216,7 +222,7 @@ def _fidelity(run, settings, fake_images, test_images, features, fid_max_real, b
 
     def feats(images, phase):
         return cache.get(images, features, "features", lambda: extract_features(
-            images, features, batch_size=batch_size, progress=progress, phase=phase))
+            images, features, device=device, batch_size=batch_size, progress=progress, phase=phase))
 
     real_images = capped(real.images, fid_max_real)
     f_real, f_fake = feats(real_images, "features-real"), feats(fake_images, "features-fake")
@@ -225,7 +231,8 @@ def _fidelity(run, settings, fake_images, test_images, features, fid_max_real, b
     pr = precision_recall(pr_real, pr_fake, k=4)
     fld_value = fld(pr_real[:max_fld], torch.from_numpy(f_test)[:max_fld], pr_fake[:max_fld], seed=settings.seed)
     probs = cache.get(fake_images, features, "probabilities", lambda: extract_probabilities(
-        fake_images, features, batch_size=batch_size, progress=progress, phase="class-probabilities-fake"))
+        fake_images, features, device=device, batch_size=batch_size, progress=progress,
+        phase="class-probabilities-fake"))
     is_mean, is_std = inception_score(probs, splits=min(10, len(probs)))
     suffix = "_inception" if features.kind == INCEPTION else "_domain"
     note = ("Inception-v3 features (clean-fid weights)" if features.kind == INCEPTION else
