@@ -81,7 +81,7 @@ CASES = [
     (["generate", "--n", "10", "--run", "{base:deleted_artifact}"], ["generator.pt is missing"]),
     (["generate", "--n", "10", "--run", "{base:stale_lock}"], ["stale lock from process", "remove", ".lock"]),
     (["generate", "--n", "10", "--run", "{base:live_lock}"], ["in use by process"]),
-    (["finetune", "--eps", "0.5", "--batch-size", "200", "--run", "{base:ok}"], ["already spent", "eps=0.5"]),
+    (["finetune", "--eps", "0.5", "--batch-size", "200", "--run", "{base:ok}"], ["already spent", "target --eps 0.5"]),
     (["finetune", "--eps", "5", "--delta", "0.0001", "--run", "{base:ok}"], ["--delta 0.0001", "fixed per run"]),
     (["finetune", "--eps", "5", "--method", "pdp-cvae", "--run", "{base:ok}"], ["--method pdp-cvae", "'dp-cvae'"]),
     # unwritable output and a full disk

@@ -130,9 +130,9 @@ def load_dataset(
     fn, arg = _lookup(name)
     if split not in SPLITS:
         raise BadInput(f"split {split!r} is invalid; allowed: {', '.join(SPLITS)}")
-    for name, value in (("resolution", resolution), ("limit", limit)):
+    for param, value in (("resolution", resolution), ("limit", limit)):
         if value is not None:
-            check_positive(name, value, integer=True)
+            check_positive(param, value, integer=True)
     if channels is not None and channels not in (1, 3):
         raise BadInput(f"channels {channels!r} is invalid; allowed: 1, 3 or None")
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
