@@ -161,7 +161,7 @@ def test_noisy_val_without_a_holdout_is_bad_input_and_changes_nothing(tmp_path, 
     with pytest.raises(BadInput, match="fixed at creation"):
         open_or_create_run(bare.path, method=None, settings=DataSettings(**SETTINGS, holdout=0.1), delta=None)
     assert snapshot(bare.path) == before
-    with pytest.raises(BadInput, match="--holdout"):
+    with pytest.raises(BadInput, match="holdout=0.9"):
         DataSettings(**SETTINGS, holdout=0.9)
     with pytest.raises(BadInput, match="needs a sensitive hold-out"):
         DataSettings(**SETTINGS, noisy_val_eps=0.1)
@@ -173,4 +173,26 @@ def test_inception_weights_that_cannot_be_clean_fids_file_are_refused(run, tmp_p
         evaluate_stage.run_evaluate(run.path, inception_weights=str(tmp_path / "weights.pt"))
     with pytest.raises(BadInput, match="does not exist or is empty"):
         evaluate_stage.run_evaluate(run.path, inception_weights=str(tmp_path / "inception-2015-12-05.pt"))
+    assert snapshot(run.path) == before
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a GPU"))])
+def test_evaluate_runs_on_the_given_device_and_records_it(run, feature_cache, capsys, device):
+    from dpsynth.cli.main import main
+
+    code = main(["evaluate", "--run", str(run.path), "--device", device, "--epochs", "1", "--batch-size", "128",
+                 "--quiet", "--json"])
+    assert code == 0, capsys.readouterr().err
+    config = RunDir.open(run.path).manifest["stages"]["evaluate"]["config"]
+    assert config["device"] == ("cpu" if device == "cpu" else "cuda")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is visible")
+def test_evaluate_on_a_gpu_without_one_is_bad_input(run, capsys):
+    from dpsynth.cli.main import main
+
+    before = snapshot(run.path)
+    assert main(["evaluate", "--run", str(run.path), "--device", "cuda"]) == 2
+    assert "--device cuda asked for a GPU" in capsys.readouterr().err
     assert snapshot(run.path) == before

@@ -15,17 +15,9 @@ from torch.utils.data import Dataset
 
 from dpsynth.errors import BadInput
 from dpsynth.evaluation.classifiers import build_classifier
-from dpsynth.evaluation.fidelity import (
-    FeatureNetwork,
-    compute_fidelity,
-    inception_available,
-    make_feature_network,
-)
-from dpsynth.evaluation.utility import (
-    classification_accuracy,
-    evaluate_utility,
-    fit_with_selection,
-)
+from dpsynth.evaluation.classifier_fit import classification_accuracy
+from dpsynth.evaluation.fidelity import FeatureNetwork, inception_available, make_feature_network
+from eval_helpers import compute_fidelity, evaluate_utility, fit_with_selection
 
 RES = 16
 

@@ -128,7 +128,7 @@ def test_neighbouring_datasets_give_manifests_that_differ_only_in_keyed_and_decl
     assert a["sensitive.size"] == b["sensitive.size"] == 800 and a["privacy.delta"] == b["privacy.delta"]
     assert a["sensitive.key_id"] == key.key_id
     assumptions = manifests[0]["privacy"]["assumptions"]
-    assert "add/remove" in assumptions["adjacency"] and "--public-size" in assumptions["dataset_size"]
+    assert "add/remove" in assumptions["adjacency"] and "public_size" in assumptions["dataset_size"]
 
 
 def test_without_public_size_the_manifest_says_the_true_size_is_released(home, tmp_path):

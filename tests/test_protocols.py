@@ -17,7 +17,9 @@ from dpsynth.errors import BadInput
 from dpsynth.evaluation.classifiers import published_options
 from dpsynth.evaluation.selection import DP_SAFE, NOISY_VAL, TEST_SET, best_epoch
 from dpsynth.mechanisms.noisy_val import add_noise, noisy_scores
-from dpsynth.evaluation.utility import NoisyVal, evaluate_protocols, parse_classifiers, train_with_rules
+from dpsynth.evaluation.classifier_fit import train_with_rules
+from dpsynth.evaluation.results import NoisyVal
+from dpsynth.evaluation.utility import evaluate_protocols, parse_classifiers
 from dpsynth.privacy.accountant import compose_epsilon
 from dpsynth.privacy.events import GaussianEvent, LaplaceEvent
 from dpsynth.mechanisms.noisy_val import charge_event, noisy_val_scale

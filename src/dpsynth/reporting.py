@@ -22,6 +22,7 @@ from .errors import BadInput, RunDirError
 from .pipeline.rundir import MANIFEST, RunDir, atomic_write_bytes
 
 from .pipeline.names import GRID, SYNTHETIC
+from .validation import check_choice
 
 # Fidelity columns say which features they come from: "_domain" (a named public-trained network)
 # or "_inception" (clean-fid's Inception-v3); feature_network names the exact network either way.
@@ -157,7 +158,7 @@ def protocol_label(protocol: Any, dp_safe: Any) -> str:
 
 def check_format(fmt: str) -> None:
     if fmt not in FORMATS:
-        raise BadInput(f"--format {fmt!r} is unknown; choose one of {', '.join(FORMATS)}")
+        check_choice("fmt", fmt, FORMATS)
 
 
 def format_table(table: pd.DataFrame, fmt: str = "markdown") -> str:
@@ -377,7 +378,7 @@ def write_report(run_paths: Sequence[str | Path], out_dir: str | Path = DEFAULT_
 
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
-        raise BadInput(f"--out {out} exists and is not a directory")
+        raise BadInput(f"out_dir={out} exists and is not a directory")
     out.mkdir(parents=True, exist_ok=True)
     written = []
     for name, data in files.items():

@@ -6,7 +6,7 @@ import typer
 
 from ..reporting import NOT_ACCOUNTED
 from ..pipeline.evaluate import run_evaluate
-from .common import JsonOpt, QuietOpt, RunOpt, emit, out, progress_bars
+from .common import DeviceOpt, JsonOpt, QuietOpt, RunOpt, emit, out, progress_bars
 
 
 def command(
@@ -40,7 +40,7 @@ def command(
     fidelity_only: bool = typer.Option(False, "--fidelity-only",
                                        help="Skip the classifiers: only FID/KID/IS/precision/recall (and FLD "
                                             "when a test set exists) against the sensitive training set."),
-    run: str = RunOpt, quiet: bool = QuietOpt, json_out: bool = JsonOpt,
+    device: str = DeviceOpt, run: str = RunOpt, quiet: bool = QuietOpt, json_out: bool = JsonOpt,
 ) -> None:
     """Train classifiers on the synthetic set, select checkpoints by the protocol, report real-test accuracy
     and FID, KID, IS, precision/recall and FLD against the sensitive training set."""
@@ -49,7 +49,7 @@ def command(
                               feature_public=feature_public, compare_protocols=compare_protocols,
                               val_eps=val_eps, val_noise=val_noise, inception_weights=inception_weights,
                               fid_max_real=fid_max_real, batch_size=batch_size, sensitive_test=sensitive_test,
-                              fidelity_only=fidelity_only, progress=progress)
+                              fidelity_only=fidelity_only, device=device, progress=progress)
     if json_out:
         result = {**result, "not_accounted": NOT_ACCOUNTED}
     emit(result, json_out, f"evaluate → {run}")

@@ -14,7 +14,7 @@ def main(argv: list[str] | None = None) -> int:
         # Third-party deprecation chatter (opacus, clean-fid, SciPy) is noise on a CLI's stderr.
         warnings.filterwarnings("ignore")
     from .app import app
-    from .flags import command_flags, to_flags
+    from .flags import all_flags, command_flags, to_flags
 
     try:
         app(args=argv, standalone_mode=False, prog_name="dpsynth")
@@ -24,7 +24,8 @@ def main(argv: list[str] | None = None) -> int:
     except DpsynthError as exc:
         if os.environ.get("DPSYNTH_DEBUG"):
             raise
-        sys.stderr.write(f"error: {to_flags(str(exc), command_flags(app, argv if argv is not None else sys.argv[1:]))}\n")
+        flags = command_flags(app, argv if argv is not None else sys.argv[1:])
+        sys.stderr.write(f"error: {to_flags(str(exc), flags, all_flags(app))}\n")
         return 2
     except KeyboardInterrupt:
         sys.stderr.write("error: interrupted\n")

@@ -14,7 +14,7 @@ from dpsynth.errors import BadInput, DatasetNotFound
 from .imageset import resize_images
 from .registry import LoadRequest
 
-ROOT_HINT = "set --data-root or DPSYNTH_DATA"
+ROOT_HINT = "set `data_root` or DPSYNTH_DATA"
 
 # Names (and 'prefix:' forms) whose 'test' split is not disjoint from 'train': the loader serves one
 # source as both splits, or refuses 'test'. Test accuracy on them needs a separate test set.

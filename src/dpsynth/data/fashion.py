@@ -70,7 +70,7 @@ def unpack_debian(root: str | Path | None = None) -> list[str]:
     except (gzip.BadGzipFile, EOFError, zlib.error) as e:  # BadGzipFile is an OSError: test it first
         raise DatasetNotFound(one_line(f"Debian Fashion-MNIST files in {DEBIAN_DIR}/ are unreadable ({e})")) from e
     except OSError as e:
-        msg = f"cannot unpack Fashion-MNIST into {raw}/ ({e}); choose a writable --data-root"
+        msg = f"cannot unpack Fashion-MNIST into {raw}/ ({e}); choose a writable `data_root`"
         raise BadInput(one_line(msg)) from e
     return missing
 

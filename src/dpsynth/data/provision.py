@@ -25,7 +25,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         where = _PROVISIONERS[args.dataset](args.data_root, download=not args.no_download)
     except DpsynthError as e:
-        print(f"error: {e}", file=sys.stderr)
+        # Library messages name parameters (`data_root`); this entry point's flag is --data-root.
+        print(f"error: {str(e).replace('`data_root`', '--data-root')}", file=sys.stderr)
         return 2
     print(where)
     return 0

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from dpsynth.errors import BadInput
+from dpsynth.validation import check_positive
 
 from .imageset import ImageSet, resize_images
 
@@ -110,11 +111,6 @@ def _lookup(name: str) -> tuple[Callable[[LoadRequest], ImageSet], str | None]:
     raise BadInput(f"unknown dataset '{name}'; choose one of: {', '.join(dataset_names())}")
 
 
-def _check_int(label: str, value, low: int) -> None:
-    if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low):
-        raise BadInput(f"{label} {value!r} is invalid; allowed: an integer >= {low} or None")
-
-
 def load_dataset(
     name: str,
     split: str = "train",
@@ -134,8 +130,9 @@ def load_dataset(
     fn, arg = _lookup(name)
     if split not in SPLITS:
         raise BadInput(f"split {split!r} is invalid; allowed: {', '.join(SPLITS)}")
-    _check_int("resolution", resolution, 1)
-    _check_int("limit", limit, 1)
+    for param, value in (("resolution", resolution), ("limit", limit)):
+        if value is not None:
+            check_positive(param, value, integer=True)
     if channels is not None and channels not in (1, 3):
         raise BadInput(f"channels {channels!r} is invalid; allowed: 1, 3 or None")
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):

@@ -32,6 +32,7 @@ from cleanfid.resize import make_resizer
 
 from dpsynth.errors import BadInput
 from dpsynth.evaluation.checks import check_images
+from dpsynth.validation import check_positive
 
 Progress = Callable[[str, int, int], None]
 
@@ -60,16 +61,16 @@ def inception_network(weights: str | os.PathLike, device: str | torch.device = "
     copy of its torchscript file, which must keep clean-fid's name. Never downloads."""
     path = os.path.abspath(os.fspath(weights))
     if os.path.basename(path) != _INCEPTION_FILE:
-        raise BadInput(f"--inception-weights {weights} must be clean-fid's file named {_INCEPTION_FILE}")
+        raise BadInput(f"inception_weights={weights} must be clean-fid's file named {_INCEPTION_FILE}")
     if not os.path.isfile(path) or os.path.getsize(path) == 0:
-        raise BadInput(f"--inception-weights {weights} does not exist or is empty; give the path of {_INCEPTION_FILE}")
+        raise BadInput(f"inception_weights={weights} does not exist or is empty; give the path of {_INCEPTION_FILE}")
     from cleanfid.inception_torchscript import InceptionV3W
 
     device = torch.device(device)
     try:
         model = InceptionV3W(os.path.dirname(path), download=False, resize_inside=False).to(device).eval()
     except (RuntimeError, ValueError) as exc:
-        raise BadInput(f"--inception-weights {weights} is not a loadable torchscript Inception ({exc})") from None
+        raise BadInput(f"inception_weights={weights} is not a loadable torchscript Inception ({exc})") from None
 
     def probabilities(batch: torch.Tensor) -> torch.Tensor:
         # The torchscript net's classifier output (1008 classes) without its softmax bias, as the
@@ -124,8 +125,7 @@ def make_feature_network(
     """
     if input_channels not in (1, 3):
         raise BadInput(f"input_channels must be 1 or 3, got {input_channels}")
-    if resolution < 1:
-        raise BadInput(f"resolution must be >= 1, got {resolution}")
+    check_positive("resolution", resolution, integer=True)
     if not name:
         raise BadInput("feature network name must be non-empty; it labels every FID/KID figure")
     device = torch.device(device)
@@ -213,47 +213,6 @@ def _kernel(real: np.ndarray, fake: np.ndarray, seed: int) -> float:
         return float(cleanfid_fid.kernel_distance(real, fake))
     finally:
         np.random.set_state(state)
-
-
-def compute_fidelity(
-    real_images: torch.Tensor,
-    fake_images: torch.Tensor,
-    feature_net: FeatureNetwork,
-    *,
-    device: str | torch.device = "cpu",
-    batch_size: int = 256,
-    kid: bool = True,
-    kid_seed: int = 0,
-    progress: Progress | None = None,
-) -> dict:
-    """FID (and KID) between two uint8 image sets on `feature_net`.
-
-    Returns {"fid", "kid" (None when kid=False), "feature_network", "n_real", "n_fake"}.
-    """
-    check_images(real_images, "real_images")
-    check_images(fake_images, "fake_images")
-    if not isinstance(feature_net, FeatureNetwork) or not feature_net.name:
-        raise BadInput("feature_net must be a FeatureNetwork with a non-empty name")
-    if batch_size < 1:
-        raise BadInput(f"batch_size must be >= 1, got {batch_size}")
-    for what, imgs in (("real_images", real_images), ("fake_images", fake_images)):
-        if imgs.shape[0] < 2:
-            raise BadInput(f"{what} has {imgs.shape[0]} image(s); FID needs at least 2 per set")
-    device = torch.device(device)
-
-    real = _features(real_images, feature_net, device, batch_size, progress, "features-real")
-    fake = _features(fake_images, feature_net, device, batch_size, progress, "features-fake")
-    if real.shape[1] != fake.shape[1]:
-        raise BadInput(f"feature dims differ: real {real.shape[1]} vs fake {fake.shape[1]}")
-
-    result = {
-        "fid": _frechet(real, fake),
-        "kid": _kernel(real, fake, kid_seed) if kid else None,
-        "feature_network": feature_net.name,
-        "n_real": int(real.shape[0]),
-        "n_fake": int(fake.shape[0]),
-    }
-    return result
 
 
 def fid_from_features(real: np.ndarray, fake: np.ndarray) -> float:

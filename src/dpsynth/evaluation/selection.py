@@ -20,6 +20,7 @@ from typing import Sequence
 import numpy as np
 
 from dpsynth.errors import BadInput
+from dpsynth.validation import check_choice
 
 DP_SAFE = "dp-safe-selection"
 NOISY_VAL = "noisy-val"
@@ -33,7 +34,7 @@ def is_dp_safe(protocol: str) -> bool:
 
 def check_protocol(protocol: str) -> None:
     if protocol not in PROTOCOLS:
-        raise BadInput(f"--protocol {protocol!r} is unknown; choose one of {', '.join(PROTOCOLS)}")
+        check_choice("protocol", protocol, PROTOCOLS)
 
 
 def best_epoch(scores: Sequence[float]) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from dpsynth.errors import BadInput
+from dpsynth.validation import check_fraction
 
 
 def stratified_split(labels: torch.Tensor, val_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -13,8 +14,7 @@ def stratified_split(labels: torch.Tensor, val_fraction: float, seed: int) -> tu
     Stratifying keeps the validation class mix equal to the training one, so the
     checkpoint chosen on it is not biased toward whichever class happens to dominate.
     """
-    if not 0.0 < val_fraction < 1.0:
-        raise BadInput(f"val_fraction must be in (0, 1), got {val_fraction}")
+    check_fraction("val_fraction", val_fraction)
     gen = torch.Generator().manual_seed(seed)
     train_parts, val_parts = [], []
     for cls in torch.unique(labels).tolist():

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import BadInput
+from ..validation import check_positive
 from .secret_noise import secret_generator
 
 
@@ -57,10 +58,9 @@ def noisy_central_images(images: torch.Tensor, labels: torch.Tensor | None, num_
                          dataset_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(queries * classes) uint8 central images and their labels. Sampling and noise use a
     generator seeded from OS entropy unless one is given (tests)."""
-    if noise_multiplier <= 0 or not math.isfinite(noise_multiplier):
-        raise BadInput(f"central-image --sigma {noise_multiplier!r} must be a number > 0")
-    if queries < 1:
-        raise BadInput(f"central-image --queries {queries!r} must be >= 1")
+    # The plan (methods.diffusion.plan_warmup) checked the user's values; this guards the mechanism itself.
+    check_positive("noise_multiplier", noise_multiplier)
+    check_positive("queries", queries, integer=True)
     if generator is None:
         generator = secret_generator()
     n, c, h, w = images.shape

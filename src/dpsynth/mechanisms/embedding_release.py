@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import BadInput
+from ..validation import check_fraction
 from ..methods.mean_embedding.features import FeatureMap
 
 MARGIN = 1.0 - 1e-6
@@ -31,8 +31,7 @@ MARGIN = 1.0 - 1e-6
 
 def weights(count_weight: float) -> tuple[float, float]:
     """(alpha, beta) with alpha^2 + beta^2 = MARGIN^2 < 1; beta = count_weight * MARGIN."""
-    if not (isinstance(count_weight, (int, float)) and 0.0 < count_weight < 1.0):
-        raise BadInput(f"count_weight={count_weight!r} must be between 0 and 1 (exclusive), e.g. 0.1")
+    check_fraction("count_weight", count_weight)  # e.g. 0.1
     return math.sqrt(1.0 - count_weight ** 2) * MARGIN, count_weight * MARGIN
 
 

@@ -48,7 +48,7 @@ def select_public_classes(noisy: np.ndarray, n_select: int) -> list[tuple[int, i
     not yet taken by another row, so every sensitive class gets its own public classes."""
     num_rows, num_public = noisy.shape
     if not (1 <= n_select <= num_public):
-        raise BadInput(f"--select {n_select} must be between 1 and the number of public classes ({num_public})")
+        raise BadInput(f"select={n_select} must be between 1 and the number of public classes ({num_public})")
     taken: set[int] = set()
     chosen: list[tuple[int, int]] = []
     order = [np.argsort(-noisy[row], kind="stable") for row in range(num_rows)]

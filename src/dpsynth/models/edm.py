@@ -107,7 +107,7 @@ class EDMDiffusion(nn.Module):
                guidance: float = 0.0) -> torch.Tensor:
         """EDM's deterministic 2nd-order (Heun) sampler; returns uint8 images."""
         if steps < 2:
-            raise BadInput(f"--steps {steps} must be >= 2")
+            raise BadInput(f"steps={steps} must be >= 2")
         device = next(self.parameters()).device
         c = self.cfg
         t = self.noise_levels(steps, device)

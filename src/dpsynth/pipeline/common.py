@@ -4,7 +4,6 @@ manifest's keyed tags, caches, and the progress-callback type."""
 from __future__ import annotations
 
 import io
-import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +17,7 @@ from ..errors import BadInput, RunDirError
 from ..methods import get_method
 from ..privacy.accountant import check_delta, compose_epsilon, default_delta
 from ..privacy.owner_key import OwnerKey, check_outside, load_owner_key
+from ..validation import check_positive as _check_positive
 from .rundir import RunDir
 from ..mechanisms.noisy_val import reservation_event
 from .holdout import check_holdout, holdout_record, split_off
@@ -50,24 +50,24 @@ class DataSettings:
     def __post_init__(self) -> None:
         check_holdout(self.holdout)
         if self.noisy_val_eps is not None and not self.holdout:
-            raise BadInput(f"--noisy-val-eps {self.noisy_val_eps:g} needs a sensitive hold-out; pass --holdout too")
+            raise BadInput(f"noisy_val_eps={self.noisy_val_eps:g} needs a sensitive hold-out; pass `holdout` too")
         if self.resolution is not None and (self.resolution < 8 or self.resolution % 4):
-            raise BadInput(f"--resolution {self.resolution} must be a multiple of 4 and >= 8")
+            raise BadInput(f"resolution={self.resolution} must be a multiple of 4 and >= 8")
         if self.channels not in (None, 1, 3):
-            raise BadInput(f"--channels {self.channels} must be 1 or 3")
+            raise BadInput(f"channels={self.channels} must be 1 or 3")
         if self.limit is not None and self.limit < 1:
-            raise BadInput(f"--limit {self.limit} must be >= 1")
+            raise BadInput(f"limit={self.limit} must be >= 1")
         if self.public_size is not None and (isinstance(self.public_size, bool) or not isinstance(self.public_size, int)
                                              or self.public_size < 3):
-            raise BadInput(f"--public-size {self.public_size!r} is not allowed; it must be an integer >= 3")
+            raise BadInput(f"public_size={self.public_size!r} is not allowed; it must be an integer >= 3")
         if self.public_size is not None and self.limit is not None and self.limit > self.public_size:
-            raise BadInput(f"--limit {self.limit} exceeds --public-size {self.public_size}; allowed: at most it")
+            raise BadInput(f"limit={self.limit} exceeds `public_size` {self.public_size}; allowed: at most it")
 
 
-def check_positive(flag: str, value: float, integer: bool = False) -> None:
-    ok = value is not None and math.isfinite(value) and value > 0 and (not integer or float(value).is_integer())
-    if not ok:
-        raise BadInput(f"{flag} {value!r} is not allowed; it must be {'an integer' if integer else 'a number'} > 0")
+def check_positive(name: str, value: float, integer: bool = False) -> None:
+    """Deprecated: use dpsynth.validation.check_positive. Kept only for pretrain and finetune, which
+    still pass flag spellings ("--batch-size"); the message names the parameter (batch_size=...)."""
+    _check_positive(name.lstrip("-").replace("-", "_"), value, integer=integer)
 
 
 def _limit_fraction(settings: DataSettings, n: int) -> float:
@@ -86,7 +86,7 @@ def _load_full(settings: DataSettings, split: str) -> ImageSet:
         return images
     keep = keyed_members(images, load_owner_key(), _limit_fraction(settings, len(images)), "limit", settings.seed)
     if not keep.any():
-        raise BadInput(f"--limit {settings.limit} of {len(images)} sensitive images kept none; use a larger --limit")
+        raise BadInput(f"limit={settings.limit} of {len(images)} sensitive images kept none; use a larger `limit`")
     return images.subset(keep)
 
 
@@ -104,7 +104,7 @@ def load_holdout(run: RunDir) -> ImageSet:
     record = run.manifest.get("holdout") or {}
     if not settings.holdout or not record.get("size"):
         raise BadInput(f"run {run.path} has no sensitive hold-out; noisy-val needs one: create the run with "
-                       f"--holdout FRACTION (e.g. --holdout 0.1)")
+                       f"`holdout` FRACTION (e.g. `holdout` 0.1)")
     key = load_owner_key()
     _, held = split_off(_load_full(settings, "train"), settings.holdout, settings.seed, key)
     if "tag" not in record:  # runs made before keyed tags recorded the hold-out's indices, not its content
@@ -119,14 +119,14 @@ def load_holdout(run: RunDir) -> ImageSet:
 
 def load_public(settings: DataSettings, like: ImageSet) -> ImageSet:
     if not settings.public:
-        raise BadInput("this stage needs a public dataset; pass --public NAME")
+        raise BadInput("this stage needs a public dataset; pass `public` NAME")
     _, channels, resolution, _ = like.images.shape
     return load_dataset(settings.public, "train", root=settings.data_root, resolution=resolution, channels=channels)
 
 
 # What the manifest says about the sensitive set is public metadata plus one keyed tag; see
 # privacy.assumptions for why N may be written at all.
-SIZE_DECLARED = "declared with --public-size; the true size is not released"
+SIZE_DECLARED = "declared by the run's public_size setting; the true size is not released"
 SIZE_TRUE = "the true size, released (treated as public, as opacus and DPImageBench do)"
 
 
@@ -178,17 +178,17 @@ def check_same_data(run: RunDir, images: ImageSet, key: str = "sensitive") -> No
         _check_key(run, owner, record.get("key_id"), key)
         if keyed_tag(images, owner) != record["tag"]:
             raise RunDirError(f"{key} dataset {images.name} differs from the one this run was created with "
-                              f"(keyed tags differ); use a new --run directory")
+                              f"(keyed tags differ); use a new `run` directory")
         return
     legacy = record.get("fingerprint")
     if legacy:
         if content_digest(images) != legacy:
             settings = settings_from_run(run)
             if settings.limit is not None or settings.holdout:
-                raise RunDirError(f"{run.path} was made by an earlier dpsynth whose --limit/--holdout subset was a "
+                raise RunDirError(f"{run.path} was made by an earlier dpsynth whose `limit`/`holdout` subset was a "
                                   f"shuffle (not 1-stable); this version cannot reproduce it: start a new run")
             raise RunDirError(f"{key} dataset {images.name} differs from the one this run was created with "
-                              f"(legacy fingerprints differ); use a new --run directory")
+                              f"(legacy fingerprints differ); use a new `run` directory")
         del record["fingerprint"]
         record.update(tag=keyed_tag(images, owner), key_id=owner.key_id)
         NOTICES.append(f"{run.path}: replaced the manifest's plain sha256 fingerprint of the {key} set (a "
@@ -208,28 +208,28 @@ def open_or_create_run(run_path: str | Path, *, method: str | None, settings: Da
     if RunDir.exists(run_path):
         run = RunDir.open(run_path)
         if method and method != run.manifest["method"]:
-            raise BadInput(f"--method {method} does not match this run's method {run.manifest['method']!r}")
+            raise BadInput(f"method={method} does not match this run's method {run.manifest['method']!r}")
         recorded = settings_from_run(run)
         if settings and settings.sensitive and settings.sensitive != recorded.sensitive:
-            raise BadInput(f"--sensitive {settings.sensitive} does not match this run's {recorded.sensitive!r}")
+            raise BadInput(f"sensitive={settings.sensitive} does not match this run's {recorded.sensitive!r}")
         if settings and (settings.holdout != recorded.holdout or settings.noisy_val_eps != recorded.noisy_val_eps):
-            raise BadInput(f"--holdout {settings.holdout:g} / --noisy-val-eps {settings.noisy_val_eps} differ from "
+            raise BadInput(f"holdout={settings.holdout:g} / noisy_val_eps={settings.noisy_val_eps} differ from "
                            f"this run's ({recorded.holdout:g} / {recorded.noisy_val_eps}); they are fixed at creation")
         if settings and settings.public_size is not None and settings.public_size != recorded.public_size:
-            raise BadInput(f"--public-size {settings.public_size} differs from this run's {recorded.public_size}; "
+            raise BadInput(f"public_size={settings.public_size} differs from this run's {recorded.public_size}; "
                            f"it is fixed at creation")
         if settings and settings.sensitive_test and settings.sensitive_test != recorded.sensitive_test:
-            raise BadInput(f"--sensitive-test {settings.sensitive_test} differs from this run's "
+            raise BadInput(f"sensitive_test={settings.sensitive_test} differs from this run's "
                            f"{recorded.sensitive_test or 'none'}; it is recorded at creation (give it to "
-                           f"'dpsynth evaluate --sensitive-test' instead)")
+                           f"'dpsynth evaluate' with `sensitive_test` instead)")
         if delta is not None and delta != run.delta:
-            raise BadInput(f"--delta {delta:g} differs from this run's delta {run.delta:g}; delta is fixed per run")
+            raise BadInput(f"delta={delta:g} differs from this run's delta {run.delta:g}; delta is fixed per run")
         sensitive = load_sensitive(recorded)
         check_same_data(run, sensitive)
         return run, sensitive
     if settings is None or not settings.sensitive:
         raise RunDirError(f"run directory {run_path} does not exist; create it with 'dpsynth select-public' "
-                          f"or pass --sensitive NAME to start a run here")
+                          f"or pass `sensitive` NAME to start a run here")
     method_obj = get_method(method or "privimage-cvae")
     owner = load_owner_key()
     check_outside(owner, run_path)
@@ -249,7 +249,7 @@ def open_or_create_run(run_path: str | Path, *, method: str | None, settings: Da
         n, n_train, basis = len(full), len(sensitive), SIZE_TRUE
     delta = delta if delta is not None else default_delta(n)
     if delta >= 1.0 / n:
-        raise BadInput(f"--delta {delta:g} must be < 1/N = {1.0 / n:.3g} for N={n} images")
+        raise BadInput(f"delta={delta:g} must be < 1/N = {1.0 / n:.3g} for N={n} images")
     public_record = {"name": settings.public} if settings.public else None
     run = RunDir.create(run_path, method=method_obj.name, sensitive=dataset_record(sensitive, owner, n_train, basis),
                         public=public_record, delta=delta, settings=settings.__dict__,

@@ -34,16 +34,19 @@ from ..evaluation.inception_score import inception_score
 from ..evaluation.manifold import precision_recall
 from ..evaluation.selection import DP_SAFE, NOISY_VAL, PROTOCOLS, TEST_SET, check_protocol
 from ..mechanisms.noisy_val import charge_event, check_noise, noise_rng, noisy_val_scale
-from ..evaluation.utility import NoisyVal, evaluate_protocols, parse_classifiers
+from ..evaluation.results import NoisyVal
+from ..evaluation.utility import evaluate_protocols, parse_classifiers
 from ..privacy.accountant import compose_epsilon
 from ..privacy.events import event_from_dict
 from .rundir import RunDir, now
-from .common import (Progress, cache_dir, check_positive, check_same_data, load_holdout, load_sensitive,
+from ..validation import check_positive
+from .common import (Progress, cache_dir, check_same_data, load_holdout, load_sensitive,
                      no_progress, settings_from_run)
 from .lifecycle import stage_run
 from .names import EVALUATE as STAGE, GENERATE as GENERATE_STAGE, RESULTS_CSV, SYNTHETIC
 from .query_cache import query_net_for
 from .sensitive_test import describe as describe_test, load_sensitive_test, no_test_set
+from ..training.device import resolve_device
 
 DEFAULT_FEATURE_PUBLIC = "mnist5k"
 RESERVED = "(reserved at run creation)"
@@ -59,23 +62,25 @@ def run_evaluate(run_path: str | Path, *, protocol: str = DP_SAFE, classifier: s
                  feature_public: str | None = None, fid_max_real: int = 10000, compare_protocols: bool = False,
                  val_eps: float | None = None, val_noise: str = "laplace", inception_weights: str | None = None,
                  batch_size: int = 256, sensitive_test: str | None = None, fidelity_only: bool = False,
-                 progress: Progress = no_progress) -> dict:
-    """Evaluate the run's synthetic set. With `compare_protocols`, the same classifiers are also
+                 device: str | None = None, progress: Progress = no_progress) -> dict:
+    """Evaluate the run's synthetic set on `device` (auto: the GPU when one is visible): classifier
+    training and feature extraction run there. With `compare_protocols`, the same classifiers are also
     selected on the sensitive hold-out (noisy-val, when the run has one) and on the real test set
     (the flawed practice) to show how much the latter overstates accuracy. `sensitive_test`
     (default: the one recorded at creation, else the official test split) is the test set;
     `fidelity_only` skips the classifiers (then no test set is needed)."""
     check_protocol(protocol)
     if fidelity_only and (compare_protocols or protocol != DP_SAFE or val_eps is not None):
-        raise BadInput("--fidelity-only trains no classifier; it takes no --protocol, --compare-protocols or "
-                       "--val-eps")
-    check_positive("--epochs", epochs, integer=True)
-    check_positive("--fid-max-real", fid_max_real, integer=True)
-    check_positive("--batch-size", batch_size, integer=True)
+        raise BadInput("`fidelity_only` trains no classifier; it takes no `protocol`, `compare_protocols` or "
+                       "`val_eps`")
+    check_positive("epochs", epochs, integer=True)
+    check_positive("fid_max_real", fid_max_real, integer=True)
+    check_positive("batch_size", batch_size, integer=True)
     check_noise(val_noise)
     if val_eps is not None:
-        check_positive("--val-eps", val_eps)
+        check_positive("val_eps", val_eps)
     classifiers = parse_classifiers(classifier)
+    torch_device = resolve_device(device)
     run = RunDir.open(run_path)
     run.require_stage(GENERATE_STAGE, STAGE)
     with np.load(io.BytesIO(run.read_artifact(SYNTHETIC))) as npz:
@@ -91,7 +96,7 @@ def run_evaluate(run_path: str | Path, *, protocol: str = DP_SAFE, classifier: s
     unavailable = {}
     if NOISY_VAL in protocols and not (run.manifest.get("holdout") or {}).get("size"):
         reason = (f"run {run.path} has no sensitive hold-out; noisy-val needs one: create the run with "
-                  f"--holdout FRACTION (e.g. --holdout 0.1)")
+                  f"`holdout` FRACTION (e.g. `holdout` 0.1)")
         if not compare_protocols:
             raise BadInput(reason)
         protocols.remove(NOISY_VAL)
@@ -111,7 +116,7 @@ def run_evaluate(run_path: str | Path, *, protocol: str = DP_SAFE, classifier: s
     # A user-given test set is checked against the training set now, so a mismatch writes nothing; it is
     # held here and handed to the classifiers only through load_test, after selection, like a named one.
     given_test = load_sensitive_test(test_spec, settings, real) if test_spec else None
-    features = _feature_network(run, settings, feature_public, inception_weights)
+    features = _feature_network(run, settings, feature_public, inception_weights, torch_device)
     holdout = load_holdout(run) if plan else None
 
     test_cache: dict = {}
@@ -126,15 +131,16 @@ def run_evaluate(run_path: str | Path, *, protocol: str = DP_SAFE, classifier: s
 
     config = {"protocols": protocols or [FIDELITY_ONLY], "classifiers": [] if fidelity_only else classifiers,
               "epochs": epochs, "batch_size": batch_size, "feature_network": features.name,
-              "val_noise": plan["noise"] if plan else None, "sensitive_test": test_spec}
+              "val_noise": plan["noise"] if plan else None, "sensitive_test": test_spec,
+              "device": str(torch_device)}
     with stage_run(run, STAGE, config, inputs=[SYNTHETIC]):
         noisy = _charge(run, plan, holdout) if plan else None  # write-ahead: before any noisy count exists
         utilities = {} if fidelity_only else evaluate_protocols(
             fake_images, fake_labels, load_test, sens["num_classes"], protocols=protocols,
             classifiers=classifiers, noisy_val=noisy, epochs=epochs, batch_size=batch_size, seed=settings.seed,
-            progress=progress)
+            device=torch_device, progress=progress)
         fidelity = _fidelity(run, settings, real, fake_images, load_test()[0] if has_test else None, features,
-                             fid_max_real, batch_size, progress)
+                             fid_max_real, batch_size, progress, torch_device)
         fidelity["test_set"] = describe_test(test_spec, settings.sensitive, test_cache.get("set"))
         if fidelity_only:
             per_protocol = {FIDELITY_ONLY: _fidelity_row(run, fidelity, len(fake_images))}
@@ -169,8 +175,8 @@ def _plan_noisy_val(run: RunDir, num_counts: int, val_eps: float | None, noise: 
                 "num_counts": num_counts, "epsilon_after": run.manifest["privacy"]["epsilon"]}
     if val_eps is None:
         raise BudgetExhausted("noisy-val needs privacy budget: this run reserved none (or used it); pass "
-                              "--val-eps EPS (it must fit the run's target epsilon) or create the run with "
-                              "--holdout F --noisy-val-eps EPS so fine-tuning leaves room for it")
+                              "`val_eps` EPS (it must fit the run's target epsilon) or create the run with "
+                              "`holdout` F `noisy_val_eps` EPS so fine-tuning leaves room for it")
     target = run.manifest["privacy"].get("target_epsilon")
     spent = run.events()
     event = charge_event(val_eps, noise, num_counts, spent, run.delta)
@@ -178,9 +184,9 @@ def _plan_noisy_val(run: RunDir, num_counts: int, val_eps: float | None, noise: 
     if target is None or after.upper > float(target):
         limit = "has no target epsilon (finetune sets it)" if target is None else f"has target epsilon {target:g}"
         raise BudgetExhausted(
-            f"--val-eps {val_eps:g} would take the run's epsilon from {run.manifest['privacy']['epsilon']:.3f} to "
+            f"val_eps={val_eps:g} would take the run's epsilon from {run.manifest['privacy']['epsilon']:.3f} to "
             f"{after.upper:.3f}, but the run {limit}; reserve noisy-val budget at run creation "
-            f"(--holdout F --noisy-val-eps EPS) or use --protocol dp-safe-selection (free)")
+            f"(`holdout` F `noisy_val_eps` EPS) or use `protocol` dp-safe-selection (free)")
     return {"event": event, "new": True, "noise": noise, "scale": noisy_val_scale(event, num_counts),
             "num_counts": num_counts, "after": after, "epsilon_after": after.upper}
 
@@ -197,11 +203,12 @@ def _charge(run: RunDir, plan: dict, holdout) -> NoisyVal:
 
 
 # ---- fidelity ---------------------------------------------------------------------------------
-def _feature_network(run: RunDir, settings, feature_public: str | None, inception_weights: str | None):
+def _feature_network(run: RunDir, settings, feature_public: str | None, inception_weights: str | None,
+                     device: torch.device):
     """Inception-v3 when its weights are on disk (or given), else the public-only domain network."""
     path = find_inception_weights(inception_weights, search=(cache_dir(),))
     if path is not None:
-        return inception_network(path)
+        return inception_network(path, device)
     sens = run.manifest["sensitive"]
     name = feature_public or (run.manifest.get("public") or {}).get("name") or DEFAULT_FEATURE_PUBLIC
     public = _public_set(name, settings.data_root, sens["resolution"], sens["channels"])
@@ -216,7 +223,7 @@ def _feature_network(run: RunDir, settings, feature_public: str | None, inceptio
             return self.net.features(x)
 
     return make_feature_network(Features(), identity, input_channels=sens["channels"],
-                                resolution=sens["resolution"], classifier=net)
+                                resolution=sens["resolution"], device=device, classifier=net)
 
 
 @functools.lru_cache(maxsize=2)
@@ -230,7 +237,7 @@ def feature_cache_dir(settings) -> Path:
     return Path(os.environ.get("DPSYNTH_FEATURE_CACHE") or data_root(settings.data_root) / "features")
 
 
-def _fidelity(run, settings, real, fake_images, test_images, features, fid_max_real, batch_size, progress,
+def _fidelity(run, settings, real, fake_images, test_images, features, fid_max_real, batch_size, progress, device,
               max_pr: int = 5000, max_fld: int = 2000) -> dict:
     """FID/KID (up to fid_max_real real images), precision/recall (k=4, up to 5,000 per set), FLD (its EM
     fit is quadratic: up to 2,000 per set) and IS, all on one named network, against the sensitive train set
@@ -244,7 +251,7 @@ def _fidelity(run, settings, real, fake_images, test_images, features, fid_max_r
 
     def feats(images, phase):
         return cache.get(images, features, "features", lambda: extract_features(
-            images, features, batch_size=batch_size, progress=progress, phase=phase))
+            images, features, device=device, batch_size=batch_size, progress=progress, phase=phase))
 
     real_images = capped(real.images, fid_max_real)
     f_real, f_fake = feats(real_images, "features-real"), feats(fake_images, "features-fake")
@@ -257,12 +264,13 @@ def _fidelity(run, settings, real, fake_images, test_images, features, fid_max_r
                         seed=settings.seed)
         fld_samples = int(min(max_fld, len(pr_real), len(pr_fake), len(f_test)))
     probs = cache.get(fake_images, features, "probabilities", lambda: extract_probabilities(
-        fake_images, features, batch_size=batch_size, progress=progress, phase="class-probabilities-fake"))
+        fake_images, features, device=device, batch_size=batch_size, progress=progress,
+        phase="class-probabilities-fake"))
     is_mean, is_std = inception_score(probs, splits=min(10, len(probs)))
     suffix = "_inception" if features.kind == INCEPTION else "_domain"
     note = ("Inception-v3 features (clean-fid weights)" if features.kind == INCEPTION else
             "domain-feature metrics on the named network (trained on public data only); not comparable to "
-            "Inception FID/IS: no Inception weights on this machine (pass --inception-weights PATH)")
+            "Inception FID/IS: no Inception weights on this machine (pass `inception_weights` PATH)")
     return {
         **{name + suffix: value for name, value in (
             ("fid", fid_from_features(f_real, f_fake)), ("kid", kid_from_features(f_real, f_fake, settings.seed)),
@@ -284,7 +292,7 @@ def _fidelity(run, settings, real, fake_images, test_images, features, fid_max_r
 def _fidelity_row(run, fidelity, n_synthetic) -> dict:
     """A --fidelity-only result: no classifier, so no accuracy and no checkpoint selection."""
     return {"protocol": FIDELITY_ONLY, "dp_safe": True, "classifier": None, "accuracy": None,
-            "accuracy_note": "not measured (--fidelity-only)", "per_classifier": {},
+            "accuracy_note": "not measured (fidelity only)", "per_classifier": {},
             **{k: v for k, v in fidelity.items() if k != "feature_cache"},
             "n_synthetic": int(n_synthetic), "epsilon": run.manifest["privacy"]["epsilon"], "delta": run.delta}
 

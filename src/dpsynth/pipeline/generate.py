@@ -13,7 +13,8 @@ from torchvision.utils import save_image
 from ..errors import BadInput
 from ..methods import get_method
 from ..training.device import resolve_device
-from .common import Progress, check_positive, no_progress, torch_load_bytes
+from ..validation import check_positive
+from .common import Progress, no_progress, torch_load_bytes
 from .lifecycle import stage_run
 from .names import FINETUNE as FINETUNE_STAGE, GENERATE as STAGE, GENERATOR, GRID, SYNTHETIC
 from .rundir import RunDir
@@ -28,21 +29,21 @@ def balanced_labels(n: int, num_classes: int) -> torch.Tensor:
 def run_generate(run_path: str | Path, *, n: int = 10000, seed: int = 0, batch_size: int = 1000,
                  steps: int | None = None, guidance: float | None = None, device: str | None = None,
                  use_ema: bool = True, progress: Progress = no_progress) -> dict:
-    check_positive("--n", n, integer=True)
-    check_positive("--batch-size", batch_size, integer=True)
+    check_positive("n", n, integer=True)
+    check_positive("batch_size", batch_size, integer=True)
     run = RunDir.open(run_path)
     method = get_method(run.manifest["method"])
     options = {"steps": steps, "guidance": guidance}
     options = {k: v for k, v in options.items() if v is not None}
     unknown = sorted(set(options) - set(method.sample_defaults))
     if unknown:
-        raise BadInput(f"method {method.name!r} has no sampler setting --{unknown[0]}; "
-                       f"its settings: {', '.join('--' + k for k in method.sample_defaults) or 'none'}")
+        raise BadInput(f"method {method.name!r} has no sampler setting `{unknown[0]}`; "
+                       f"its settings: {', '.join(f'`{k}`' for k in method.sample_defaults) or 'none'}")
     options = {**method.sample_defaults, **options}
     if "steps" in options:
-        check_positive("--steps", options["steps"], integer=True)
-    if options.get("guidance", 0.0) < 0:
-        raise BadInput(f"--guidance {options['guidance']!r} must be >= 0 (0: plain class-conditional sampling)")
+        check_positive("steps", options["steps"], integer=True)
+    if "guidance" in options:
+        check_positive("guidance", options["guidance"], zero_ok=True)  # 0: plain class-conditional sampling
     torch_device = resolve_device(device)
     run.require_stage(FINETUNE_STAGE, STAGE)
     state = torch_load_bytes(run.read_artifact(GENERATOR))

@@ -14,22 +14,20 @@ sequential composition.
 
 from __future__ import annotations
 
-import math
 
 import torch
 
 from ..data import ImageSet
 from ..data.keyed import keyed_members, keyed_tag
 from ..errors import BadInput
+from ..validation import check_fraction
 from ..privacy.owner_key import OwnerKey
 
 MAX_FRACTION = 0.5
 
 
 def check_holdout(fraction: float) -> None:
-    ok = isinstance(fraction, (int, float)) and not isinstance(fraction, bool) and math.isfinite(fraction)
-    if not ok or not 0.0 <= fraction <= MAX_FRACTION:
-        raise BadInput(f"--holdout {fraction!r} is not allowed; it must be a fraction in [0, {MAX_FRACTION}]")
+    check_fraction("holdout", fraction, low=0.0, high=MAX_FRACTION, closed=True)
 
 
 def holdout_mask(images: ImageSet, fraction: float, seed: int, key: OwnerKey) -> torch.Tensor:
@@ -39,10 +37,10 @@ def holdout_mask(images: ImageSet, fraction: float, seed: int, key: OwnerKey) ->
     if fraction == 0:
         return torch.zeros(len(images), dtype=torch.bool)
     if images.labels is None:
-        raise BadInput(f"--holdout needs a labelled sensitive set; {images.name} has no labels")
+        raise BadInput(f"`holdout` needs a labelled sensitive set; {images.name} has no labels")
     held = keyed_members(images, key, fraction, "holdout", seed)
     if not held.any() or held.all():
-        raise BadInput(f"--holdout {fraction:g} of {len(images)} sensitive images leaves the hold-out or the "
+        raise BadInput(f"holdout={fraction:g} of {len(images)} sensitive images leaves the hold-out or the "
                        f"training part empty; use a larger set or another fraction")
     return held
 

@@ -80,12 +80,12 @@ def check_writable_location(path: Path) -> None:
     while not ancestor.exists():
         ancestor = ancestor.parent
     if not ancestor.is_dir():
-        raise RunDirError(f"--run {path} cannot be created: {ancestor} is a file, not a directory")
+        raise RunDirError(f"run={path} cannot be created: {ancestor} is a file, not a directory")
     try:
         with tempfile.TemporaryFile(dir=ancestor):
             pass
     except OSError as exc:
-        raise StorageError(f"--run {path} is not writable ({ancestor}: {_os_reason(exc)}); "
+        raise StorageError(f"run={path} is not writable ({ancestor}: {_os_reason(exc)}); "
                            f"choose a writable directory") from None
 
 
@@ -117,7 +117,7 @@ class RunDir:
         manifest_path = path / MANIFEST
         if not manifest_path.is_file():
             raise RunDirError(f"run directory {path} has no {MANIFEST}; run 'dpsynth select-public' or "
-                              f"'dpsynth pretrain' with --run {path} first")
+                              f"'dpsynth pretrain' on it first")
         raw = manifest_path.read_bytes()
         try:
             manifest = yaml.safe_load(raw.decode())
@@ -140,7 +140,7 @@ class RunDir:
         if (path / MANIFEST).exists():
             raise RunDirError(f"run directory {path} already has a manifest")
         if path.exists() and not path.is_dir():
-            raise RunDirError(f"--run {path} exists and is not a directory")
+            raise RunDirError(f"run={path} exists and is not a directory")
         check_writable_location(path)
         manifest = {
             "schema_version": MANIFEST_SCHEMA_VERSION,
@@ -258,7 +258,7 @@ class RunDir:
     def require_stage(self, stage: str, needed_by: str) -> None:
         if not self.stage_done(stage):
             raise RunDirError(f"stage '{needed_by}' needs '{stage}' to have completed in {self.path}; "
-                              f"run 'dpsynth {stage} --run {self.path}' first")
+                              f"run 'dpsynth {stage}' on it first")
 
     # ---- artifacts ----------------------------------------------------------------------
     def write_artifact(self, stage: str, name: str, data: bytes | Callable[[io.BytesIO], None]) -> Path:

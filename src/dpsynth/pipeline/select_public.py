@@ -16,7 +16,8 @@ from ..privacy.plans import gaussian_release_sigma
 from ..privacy.events import GaussianEvent
 from ..mechanisms.semantic_query import add_gaussian_noise, select_public_classes, semantic_histogram
 from .names import SELECT_PUBLIC as STAGE, SELECTION
-from .common import (DataSettings, Progress, check_positive, load_public, public_record, no_progress,
+from ..validation import check_positive
+from .common import (DataSettings, Progress, load_public, public_record, no_progress,
                      open_or_create_run, settings_from_run)
 from .query_cache import query_net_for
 
@@ -35,14 +36,14 @@ def run_select_public(run_path: str | Path, settings: DataSettings, *, sigma: fl
         return _skipped(method)
 
     if (sigma is None) == (eps_query is None):
-        raise BadInput("give exactly one of --sigma (noise multiplier) or --eps-query (epsilon of the query)")
+        raise BadInput("give exactly one of `sigma` (noise multiplier) or `eps_query` (epsilon of the query)")
     if sigma is not None:
-        check_positive("--sigma", sigma)
+        check_positive("sigma", sigma)
     if eps_query is not None:
-        check_positive("--eps-query", eps_query)
-    check_positive("--top-k", top_k, integer=True)
+        check_positive("eps_query", eps_query)
+    check_positive("top_k", top_k, integer=True)
     if not settings.public:
-        raise BadInput("select-public needs --public NAME (a labelled public dataset)")
+        raise BadInput("select-public needs `public` NAME (a labelled public dataset)")
     run, sensitive = open_or_create_run(run_path, method=method, settings=settings, delta=delta)
     if not get_method(run.manifest["method"]).uses_public_selection:
         return _skipped(run.manifest["method"])
@@ -50,11 +51,11 @@ def run_select_public(run_path: str | Path, settings: DataSettings, *, sigma: fl
     run.manifest['settings']['public'] = settings.public
     public = load_public(data, sensitive)
     if top_k > public.num_classes:
-        raise BadInput(f"--top-k {top_k} exceeds the {public.num_classes} classes of public dataset {public.name}")
+        raise BadInput(f"top_k={top_k} exceeds the {public.num_classes} classes of public dataset {public.name}")
     rows = sensitive.num_classes if sensitive.labels is not None else 1
     n_select = select if select is not None else min(public.num_classes, max(rows, 1))
     if not (1 <= n_select <= public.num_classes):
-        raise BadInput(f"--select {n_select} must be between 1 and {public.num_classes} (public classes)")
+        raise BadInput(f"select={n_select} must be between 1 and {public.num_classes} (public classes)")
     if eps_query is not None:
         sigma = gaussian_release_sigma(run.events(), epsilon_upper(run.events(), run.delta) + eps_query,
                                        run.delta, stage=STAGE)

@@ -15,14 +15,13 @@ from ..data import ImageSet, load_dataset
 from ..data.common import has_disjoint_test
 from ..errors import BadInput, DatasetNotFound
 
-FLAG = "--sensitive-test"
 
 
 def no_test_set(sensitive: str) -> str:
     """The one-line refusal for a run whose sensitive set has no disjoint test split."""
-    return (f"--sensitive {sensitive} has no test set disjoint from its training images (its 'test' split would "
-            f"be the training data), so test accuracy cannot be measured; pass {FLAG} npz:PATH, "
-            f"imagefolder:PATH or a dataset name with a test split (or --fidelity-only for FID/precision/recall "
+    return (f"`sensitive` {sensitive} has no test set disjoint from its training images (its 'test' split would "
+            f"be the training data), so test accuracy cannot be measured; pass `sensitive_test` npz:PATH, "
+            f"imagefolder:PATH or a dataset name with a test split (or `fidelity_only` for FID/precision/recall "
             f"against the training set)")
 
 
@@ -44,26 +43,26 @@ def load_sensitive_test(spec: str, settings, train: ImageSet) -> ImageSet:
     """`spec`'s test split read as the run reads its data (resolution, channels), checked to match
     the training set `train`: same image shape, same classes, labelled, and not the training source."""
     if not isinstance(spec, str) or not spec.strip():
-        raise BadInput(f"{FLAG} {spec!r} is empty; pass npz:PATH, imagefolder:PATH or a dataset name")
+        raise BadInput(f"`sensitive_test` {spec!r} is empty; pass npz:PATH, imagefolder:PATH or a dataset name")
     if not has_disjoint_test(spec) and _same_source(spec, settings.sensitive):
-        raise BadInput(f"{FLAG} {spec} is the training set itself (--sensitive {settings.sensitive}); pass a "
+        raise BadInput(f"sensitive_test={spec} is the training set itself (`sensitive` {settings.sensitive}); pass a "
                        f"file or folder of images the generator was not trained on")
     try:
         test = load_dataset(spec, "test", root=settings.data_root, resolution=settings.resolution,
                             channels=settings.channels, seed=settings.seed)
     except (BadInput, DatasetNotFound) as exc:
-        raise type(exc)(f"{FLAG} {spec}: {exc}") from None
+        raise type(exc)(f"sensitive_test={spec}: {exc}") from None
     if test.labels is None:
-        raise BadInput(f"{FLAG} {spec} has no labels; test accuracy needs labels 0..{train.num_classes - 1}")
+        raise BadInput(f"sensitive_test={spec} has no labels; test accuracy needs labels 0..{train.num_classes - 1}")
     if test.images.shape[1:] != train.images.shape[1:]:
-        raise BadInput(f"{FLAG} {spec} has {_shape(test)} (CxHxW) images but the run's training images are "
+        raise BadInput(f"sensitive_test={spec} has {_shape(test)} (CxHxW) images but the run's training images are "
                        f"{_shape(train)}; pass a test set of that shape")
     if test.num_classes != train.num_classes:
-        raise BadInput(f"{FLAG} {spec} has {test.num_classes} classes but the training set has "
+        raise BadInput(f"sensitive_test={spec} has {test.num_classes} classes but the training set has "
                        f"{train.num_classes}; pass a test set labelled 0..{train.num_classes - 1}")
     if test.class_names and train.class_names and tuple(test.class_names) != tuple(train.class_names):
         # Same count, other names: label k would mean another class than in training.
-        raise BadInput(f"{FLAG} {spec} has classes {', '.join(test.class_names)} but the training set has "
+        raise BadInput(f"sensitive_test={spec} has classes {', '.join(test.class_names)} but the training set has "
                        f"{', '.join(train.class_names)}; pass a test set with the training set's classes")
     return test
 
@@ -73,5 +72,5 @@ def describe(spec: str | None, sensitive: str, test: ImageSet | None) -> str:
     if test is None:
         return f"none: {sensitive} has no test set disjoint from its training images (accuracy not measured)"
     if spec:
-        return f"{spec} ({len(test)} images, given by {FLAG})"
+        return f"{spec} ({len(test)} images, given by `sensitive_test`)"
     return f"{sensitive} official test split ({len(test)} images)"

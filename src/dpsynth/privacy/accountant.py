@@ -39,7 +39,7 @@ def check_delta(delta: float) -> None:
 def default_delta(n: int) -> float:
     """DPImageBench's choice delta = 1 / (N ln N), below 1/N as a meaningful delta must be."""
     if n < 3:
-        raise BadInput(f"sensitive dataset size {n} is too small to set a default delta; pass --delta")
+        raise BadInput(f"sensitive dataset size {n} is too small to set a default delta; pass `delta`")
     return 1.0 / (n * math.log(n))
 
 

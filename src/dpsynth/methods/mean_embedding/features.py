@@ -25,6 +25,7 @@ import math
 import torch
 
 from ...errors import BadInput
+from ...validation import check_positive
 
 
 class FeatureMap:
@@ -81,8 +82,7 @@ class NTKFeatures(FeatureMap):
 
     def __init__(self, input_dim: int, width: int, width2: int, generator: torch.Generator | None = None):
         for name, value in (("ntk_width", width), ("ntk_width2", width2)):
-            if not isinstance(value, int) or value < 1:
-                raise BadInput(f"{name}={value!r} must be an integer >= 1")
+            check_positive(name, value, integer=True)
 
         def uniform(shape, fan_in):
             return (torch.rand(shape, generator=generator) * 2 - 1) / math.sqrt(fan_in)
