@@ -94,7 +94,7 @@ def test_with_sensitive_test_it_scores_the_given_file_and_records_it(run, files,
     assert out.strip().splitlines()[-1] == NOT_ACCOUNTED  # the line under the table
     manifest = RunDir.open(run.path).manifest
     row = manifest["results"]["dp-safe-selection"]
-    assert row["test_set"] == f"npz:{files['test']} (200 images, given by --sensitive-test)"
+    assert row["test_set"] == f"npz:{files['test']} (200 images, the test set given for this run)"
     assert 0 <= row["accuracy"] <= 1 and row["fld_samples"] > 0
     assert row["fid_reference"].startswith("sensitive training set: npz:")
     assert manifest["stages"]["evaluate"]["config"]["sensitive_test"] == f"npz:{files['test']}"

@@ -72,5 +72,5 @@ def describe(spec: str | None, sensitive: str, test: ImageSet | None) -> str:
     if test is None:
         return f"none: {sensitive} has no test set disjoint from its training images (accuracy not measured)"
     if spec:
-        return f"{spec} ({len(test)} images, given by --sensitive-test)"
+        return f"{spec} ({len(test)} images, the test set given for this run)"
     return f"{sensitive} official test split ({len(test)} images)"
