@@ -153,5 +153,5 @@ def test_fidelity_only_runs_without_a_test_set(tmp_path, files):
     assert result["accuracy"] is None and result["fld_domain"] is None and result["fld_samples"] == 0
     assert result["fid_domain"] >= -1e-6 and result["test_set"].startswith("none:")
     assert list(RunDir.open(bare.path).manifest["results"]) == ["fidelity-only"]
-    with pytest.raises(BadInput, match="--fidelity-only trains no classifier"):
+    with pytest.raises(BadInput, match="`fidelity_only` trains no classifier"):
         evaluate_stage.run_evaluate(bare.path, fidelity_only=True, compare_protocols=True)
