@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from dpsynth.errors import BadInput
-from dpsynth.privacy.accountant import (calibrate_sigma, compose_epsilon, default_delta, epsilon_upper,
+from dpsynth.privacy.accountant import (calibrate_shard_gaussian, compose_epsilon, default_delta, epsilon_upper,
                                         rdp_epsilon)
 from dpsynth.privacy.events import GaussianEvent, PoissonGaussianEvent, ShardGaussianEvent, event_from_dict
 from shard_closed_form import shard_gaussian_delta, shard_gaussian_epsilon
@@ -103,10 +103,18 @@ def test_small_recipe_reference_values():
     new = compose_epsilon([ShardGaussianEvent("finetune", 1.1055, 10, 300)], SMALL_DELTA)
     old = compose_epsilon([PoissonGaussianEvent("finetune", 1.1055, 0.1, 300)], SMALL_DELTA)
     assert new.upper == pytest.approx(36.6, abs=0.1) and old.upper <= 10.0
-    sigma = calibrate_sigma([], 10.0, SMALL_DELTA, lambda s: [ShardGaussianEvent("finetune", s, 10, 300)],
-                            sigma_min=0.5, sigma_max=50.0)
+    sigma = calibrate_shard_gaussian([], 10.0, SMALL_DELTA, shards=10, steps=300)
     assert sigma == pytest.approx(2.85, rel=0.01)
     assert epsilon_upper([ShardGaussianEvent("finetune", sigma, 10, 300)], SMALL_DELTA) <= 10.0
+    assert epsilon_upper([ShardGaussianEvent("finetune", sigma * 0.995, 10, 300)], SMALL_DELTA) > 10.0  # smallest
+
+
+def test_calibration_counts_what_the_ledger_already_spent():
+    spent = [GaussianEvent("select-public", 3.0)]
+    sigma = calibrate_shard_gaussian(spent, 5.0, 1e-5, shards=20, steps=400)
+    assert epsilon_upper([*spent, ShardGaussianEvent("f", sigma, 20, 400)], 1e-5) <= 5.0
+    assert shard_gaussian_epsilon(1e-5, sigma, 20, 400, mu0=1 / 3.0) <= 5.0 + 1e-6
+    assert sigma > calibrate_shard_gaussian([], 5.0, 1e-5, shards=20, steps=400)
 
 
 def test_published_setting_reference_values():

@@ -12,7 +12,7 @@ from typing import Any
 
 from ..errors import BadInput
 from ..methods import Method, PrivatePlan, register_method
-from ..privacy.accountant import calibrate_sigma
+from ..privacy.accountant import calibrate_shard_gaussian
 from ..privacy.events import ShardGaussianEvent
 from ..training.efsgd import applied_noise_std
 from ..training.private_optimizer import (calibrate_private_optimizer, private_optimizer_events,
@@ -154,10 +154,7 @@ class GSWGAN(GANMethod):
         shards, steps, batch = t["discriminators"], t["iterations"], opts["batch_size"]
         # Shard-Gaussian accounting (gs_wgan.py): each image is touched by K ~ Bin(steps, 1/shards)
         # unamplified Gaussian releases; no Poisson amplification by 1/shards.
-        sigma_eff = calibrate_sigma(
-            spent, eps, delta, lambda sigma: [ShardGaussianEvent(STAGE, sigma, shards, steps)],
-            sigma_min=0.1, sigma_max=2000.0, too_little=f"for {steps} generator steps over {shards} shards",
-            advice="use fewer iterations, more discriminators, or a larger --eps")
+        sigma_eff = calibrate_shard_gaussian(spent, eps, delta, shards=shards, steps=steps, stage=STAGE)
         applied = applied_noise_multiplier(sigma_eff, batch)
         event = ShardGaussianEvent(
             stage=STAGE, noise_multiplier=sigma_eff, shards=shards, steps=steps,

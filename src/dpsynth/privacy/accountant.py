@@ -235,6 +235,35 @@ def calibrate_sigma(spent: Sequence[PrivacyEvent], target_epsilon: float, delta:
     return hi
 
 
+def calibrate_shard_gaussian(spent: Sequence[PrivacyEvent], target_epsilon: float, delta: float, *,
+                             shards: int, steps: int, stage: str = "finetune", rel_tol: float = 2e-3) -> float:
+    """Smallest noise multiplier (to rel_tol) of ShardGaussianEvent(sigma, shards, steps) keeping
+    the PRV upper bound of the ledger <= target_epsilon.
+
+    The PRV grid grows with epsilon (~1000s at sigma ~ 0.1), so a blind bracket costs minutes:
+    the bracket is taken around the sigma at which the (cheap, analytic, looser) RDP bound meets
+    the target, and only the PRV decides."""
+    def events_at(sigma: float) -> list[PrivacyEvent]:
+        return [ShardGaussianEvent(stage, sigma, shards, steps)]
+
+    lo, hi = 0.1, 2000.0
+    try:
+        if rdp_epsilon([*spent, *events_at(hi)], delta) <= target_epsilon:
+            while hi / lo > 1.01:  # bisection on the RDP bound, which decreases in sigma
+                mid = math.sqrt(lo * hi)
+                lo, hi = (lo, mid) if rdp_epsilon([*spent, *events_at(mid)], delta) <= target_epsilon else (mid, hi)
+            lo, hi = hi / 2.0, hi * 1.5  # PRV's sigma is below RDP's (RDP over-counts), rarely by 2x
+    except (BadInput, ValueError, FloatingPointError, OverflowError):
+        lo, hi = 0.1, 2000.0  # RDP did not help: the blind bracket is slow but still exact
+    if epsilon_upper([*spent, *events_at(hi)], delta) > target_epsilon:
+        hi = 2000.0  # never refuse for the bracket's sake; calibrate_sigma says if even this fails
+    while lo > 0.1 and epsilon_upper([*spent, *events_at(lo)], delta) <= target_epsilon:
+        lo, hi = lo / 2.0, lo  # keep the bracket's low end infeasible, so the result is the smallest sigma
+    return calibrate_sigma(spent, target_epsilon, delta, events_at, sigma_min=lo, sigma_max=hi, rel_tol=rel_tol,
+                           too_little=f"for {steps} steps over {shards} shards",
+                           advice="use fewer iterations, more discriminators, or a larger --eps")
+
+
 def calibrate_gaussian_sigma(spent: Sequence[PrivacyEvent], target_epsilon: float, delta: float, *,
                              stage: str, rel_tol: float = 2e-3) -> float:
     """Noise multiplier of one full-data Gaussian release so the ledger stays <= target."""
