@@ -145,7 +145,7 @@ BASE = {
 def base_run(tmp_path_factory):
     """A real completed run (dp-cvae on 200 digits, eps 1, full batches): the starting point of run-directory cases."""
     run = tmp_path_factory.mktemp("base") / "run"
-    code = main(["finetune", "--sensitive", "digits", "--limit", "200", "--method", "dp-cvae", "--eps", "1",
+    code = main(["finetune", "--sensitive", "digits", "--limit", "200", "--public-size", "1797", "--method", "dp-cvae", "--eps", "1",
                  "--epochs", "2", "--batch-size", "200", "--run", str(run), "--quiet", "--json"])
     assert code == 0
     return run

@@ -169,7 +169,7 @@ def _independent_epsilon(events: list[dict], delta: float) -> tuple[float, float
 @pytest.mark.parametrize("method", ["dpdm", "pdp-diffusion", "privimage", "dp-feta"])
 def test_every_diffusion_method_runs_all_stages_through_the_cli(tmp_path, method):
     run = str(tmp_path / "run")
-    common = ["--run", run, "--method", method, "--sensitive", "fashionmnist", "--limit", "300", "--resolution", "8"]
+    common = ["--run", run, "--method", method, "--sensitive", "fashionmnist", "--limit", "300", "--public-size", "60000", "--resolution", "8"]
     arch = "width=4,ch_mult=1:2,num_res_blocks=1"
     out = _invoke("select-public", *common, "--public", "digits", "--sigma", "20", "--quiet")
     assert ("skipped" in out) == (method != "privimage")

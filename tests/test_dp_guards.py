@@ -131,7 +131,7 @@ def test_finetune_refuses_a_sample_mixing_generator_before_anything_is_written(t
         model_class = _BatchMeanGenerator
 
     monkeypatch.setitem(METHODS, Mixing.name, Mixing)
-    code = main(["finetune", "--sensitive", "digits", "--limit", "100", "--method", "test-mixing", "--eps", "1",
+    code = main(["finetune", "--sensitive", "digits", "--limit", "100", "--public-size", "1797", "--method", "test-mixing", "--eps", "1",
                  "--epochs", "1", "--batch-size", "100", "--grad-sample-mode", "hooks", "--run", str(tmp_path / "run")])
     err = capsys.readouterr().err
     assert code == 2 and "depends on the other samples" in err and err.count("\n") == 1, err

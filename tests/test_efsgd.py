@@ -214,7 +214,7 @@ def test_efsgd_events_cover_both_halves_of_the_noise():
     assert gaussian.steps == poisson.steps == 30
 
 
-COMMON = ["--method", "dp-cvae", "--sensitive", "fashionmnist", "--limit", "300", "--resolution", "8"]
+COMMON = ["--method", "dp-cvae", "--sensitive", "fashionmnist", "--limit", "300", "--public-size", "60000", "--resolution", "8"]
 
 
 def test_finetune_with_efsgd_through_the_cli(tmp_path, capsys):
@@ -328,7 +328,7 @@ def test_finetune_efsgd_killed_after_a_checkpoint_resumes_under_its_two_events(t
     from dpsynth.pipeline.rundir import LOCK, RunDir
 
     run = tmp_path / "run"
-    args = ["finetune", "--sensitive", "digits", "--limit", "200", "--method", "dp-cvae", "--eps", "4",
+    args = ["finetune", "--sensitive", "digits", "--limit", "200", "--public-size", "1797", "--method", "dp-cvae", "--eps", "4",
             "--epochs", "2", "--batch-size", "100", "--optimizer", "efsgd", "--checkpoint-every", "1", "--quiet",
             "--json", "--run", str(run)]
     # fsyncs: manifest (stage begins), its two events, then checkpoint 1 (file, hash, pointer), and

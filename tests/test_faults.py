@@ -21,7 +21,7 @@ from dpsynth.pipeline.rundir import LOCK, MANIFEST, RunDir
 
 FAULT = Path(__file__).with_name("fault_inject.py")
 # Full batches (q = 1) keep the accountant's calibration fast; Poisson sampling is not what is tested here.
-FINETUNE = ["finetune", "--sensitive", "digits", "--limit", "200", "--method", "dp-cvae", "--eps", "1",
+FINETUNE = ["finetune", "--sensitive", "digits", "--limit", "200", "--public-size", "1797", "--method", "dp-cvae", "--eps", "1",
             "--epochs", "2", "--batch-size", "200", "--quiet", "--json"]
 
 
@@ -79,7 +79,7 @@ def test_generate_killed_mid_write_restarts_cleanly(finished, tmp_path, capsys, 
 
 def test_pretrain_killed_while_writing_its_model_restarts_cleanly(tmp_path, capsys):
     run = tmp_path / "run"
-    args = ["pretrain", "--sensitive", "digits", "--limit", "200", "--method", "pdp-cvae", "--public", "digits",
+    args = ["pretrain", "--sensitive", "digits", "--limit", "200", "--public-size", "1797", "--method", "pdp-cvae", "--public", "digits",
             "--epochs", "1", "--batch-size", "1000", "--quiet"]
     killed(2, *args, "--run", str(run))  # fsync 1: manifest (stage begins), 2: pretrained.pt
     opened = check_consistent(run)

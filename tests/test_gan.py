@@ -20,6 +20,7 @@ from dpsynth.methods.gan.gs_wgan import applied_noise_multiplier, assign_shards,
 from dpsynth.methods.gan.models import ConditionalDiscriminator, ConditionalGenerator, GANConfig
 from dpsynth.methods import get_method
 from dpsynth.training.dpsgd import PerExampleGradients
+from shard_closed_form import shard_gaussian_epsilon
 
 TINY = GANConfig(resolution=8, channels=1, num_classes=3, latent_dim=4, width=4, disc_width=4)
 
@@ -164,18 +165,18 @@ def _prv_upper(events, delta):
     return acc.compute_epsilon(delta, steps)
 
 
-def test_gs_wgan_event_multiplier_rate_and_shards():
+def test_gs_wgan_event_multiplier_shards_and_steps():
     method = get_method("gs-wgan")
     opts = {**method.finetune_defaults, "batch_size": 16,
             "train_opts": {**method.finetune_defaults["train_opts"], "discriminators": 20, "iterations": 300}}
     plan = method.plan_private(dataset_size=400, opts=opts, spent=[], eps=5.0, delta=1e-5)
     (event,) = plan.events
     applied = plan.settings["noise_multiplier_applied"]
+    assert event.mechanism == "shard_gaussian" and event.shards == 20 and event.steps == 300
     assert event.noise_multiplier == pytest.approx(applied / (2 * math.sqrt(16)))
     assert applied == pytest.approx(applied_noise_multiplier(event.noise_multiplier, 16))
-    assert event.sample_rate == pytest.approx(1 / 20) and event.steps == 300
-    _, estimate, upper = _prv_upper(plan.events, 1e-5)  # the planned event, by prv-accountant directly
-    assert 4.8 < upper <= 5.0 and estimate <= upper
+    exact = shard_gaussian_epsilon(1e-5, event.noise_multiplier, 20, 300)  # closed form, not the accountant
+    assert 4.8 < exact <= 5.0
     shards = assign_shards(400, 20, torch.Generator().manual_seed(0))
     everything = torch.cat(shards)
     assert len(shards) == 20 and sorted(everything.tolist()) == list(range(400))  # disjoint, covering
@@ -194,7 +195,7 @@ def _invoke(*args):
 ])
 def test_every_gan_method_runs_all_stages_through_the_cli(tmp_path, method, extra):
     run = str(tmp_path / "run")
-    common = ["--run", run, "--method", method, "--sensitive", "fashionmnist", "--limit", "300", "--resolution", "8"]
+    common = ["--run", run, "--method", method, "--sensitive", "fashionmnist", "--limit", "300", "--public-size", "60000", "--resolution", "8"]
     assert "skipped" in _invoke("select-public", *common, "--quiet")
     assert "skipped" in _invoke("pretrain", *common, "--quiet")
     _invoke("finetune", *common, "--eps", "6", "--arch", "width=4,disc_width=4,latent_dim=4", *extra, "--quiet")
@@ -203,7 +204,8 @@ def test_every_gan_method_runs_all_stages_through_the_cli(tmp_path, method, extr
     manifest = yaml.safe_load((tmp_path / "run" / "manifest.yaml").read_text())
     events = manifest["privacy"]["events"]
     event = events[-1]
-    assert event["stage"] == "finetune" and event["mechanism"] == "poisson_gaussian"
+    assert event["stage"] == "finetune"
+    assert event["mechanism"] == ("shard_gaussian" if method == "gs-wgan" else "poisson_gaussian")
     if method == "efsgd-gan":  # EFSGD's error feedback is a second, non-subsampled event (training/efsgd.py)
         assert [e["mechanism"] for e in events] == ["gaussian", "poisson_gaussian"]
         assert events[0]["steps"] == event["steps"]
@@ -211,14 +213,17 @@ def test_every_gan_method_runs_all_stages_through_the_cli(tmp_path, method, extr
         assert len(events) == 1
     config = manifest["stages"]["finetune"]["config"]
     if method == "gs-wgan":
-        assert event["sample_rate"] == pytest.approx(1 / 4) and event["steps"] == 12
+        assert event["shards"] == 4 and event["steps"] == 12 and "sample_rate" not in event
         assert config["noise_multiplier_applied"] == pytest.approx(event["noise_multiplier"] * 2 * math.sqrt(8))
+        exact = shard_gaussian_epsilon(manifest["privacy"]["delta"], event["noise_multiplier"], 4, 12)
+        assert exact - 1e-6 <= manifest["privacy"]["epsilon"] <= min(exact + 0.03, 6.0)
     else:
         assert event["steps"] == config["discriminator_steps"] == round(300 / 60) * int(extra[1])
+        _, estimate, upper = _prv_upper(events, manifest["privacy"]["delta"])
+        assert estimate - 1e-6 <= manifest["privacy"]["epsilon"] <= upper + 0.02
+        assert manifest["privacy"]["epsilon"] <= 6.0
     if method == "efsgd-gan":
         assert config["optimizer"] == "efsgd" and config["generator"]["noise_injection"] is True
-    _, estimate, upper = _prv_upper(events, manifest["privacy"]["delta"])
-    assert estimate - 1e-6 <= manifest["privacy"]["epsilon"] <= upper + 0.02 and manifest["privacy"]["epsilon"] <= 6.0
     images = np.load(tmp_path / "run" / "synthetic.npz")["images"]
     assert images.shape == (120, 1, 8, 8) and images.dtype == np.uint8
     state = torch.load(tmp_path / "run" / "generator.pt", weights_only=True)

@@ -267,7 +267,7 @@ def test_every_mean_embedding_method_runs_all_stages_through_the_cli(tmp_path, m
                                   ["--ema", "0.9"]])
 def test_dp_sgd_only_flags_are_refused_and_nothing_is_written(tmp_path, capsys, flag):
     run = tmp_path / "run"
-    code = main(["finetune", "--run", str(run), "--method", "dp-merf", "--sensitive", "fashionmnist", "--limit", "300",
+    code = main(["finetune", "--run", str(run), "--method", "dp-merf", "--sensitive", "fashionmnist", "--limit", "300", "--public-size", "60000",
                  "--resolution", "8", "--eps", "1", *flag])
     err = capsys.readouterr().err
     assert code == 2, err

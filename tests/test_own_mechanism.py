@@ -59,7 +59,7 @@ def _finetune(run, *extra):
     SEEN.clear()
     SEEN["run"] = run
     return main(["finetune", "--run", str(run), "--method", "test-noisy-mean", "--sensitive", "fashionmnist",
-                 "--limit", "200", "--resolution", "8", "--eps", "2", "--quiet", *extra])
+                 "--limit", "200", "--public-size", "60000", "--resolution", "8", "--eps", "2", "--quiet", *extra])
 
 
 def test_events_are_on_disk_before_the_mechanism_runs_and_fit_the_target(tmp_path, method):

@@ -28,7 +28,7 @@ def command(run: str = RunOpt, json_out: bool = JsonOpt,
         table.add_column(col)
     for i, ev in enumerate(result["events"], 1):
         table.add_row(str(i), ev["stage"], ev["mechanism"], f"{ev.get('noise_multiplier', ev.get('epsilon0', '')):.4g}",
-                      f"{ev.get('sample_rate', 1.0):.4g}", str(ev.get("steps", 1)), f"{ev.get('epsilon_after', float('nan')):.4g}")
+                      _rate(ev), str(ev.get("steps", 1)), f"{ev.get('epsilon_after', float('nan')):.4g}")
     out.print(table)
     line = (f"epsilon = {bounds.upper:.4f} (PRV upper bound; estimate {bounds.estimate:.4f})" if bounds.accountant == "prv"
             else f"epsilon = {bounds.upper:.4f} (RDP bound: PRV discretisation failed for these events)")
@@ -37,3 +37,10 @@ def command(run: str = RunOpt, json_out: bool = JsonOpt,
     out.print(line)
     for name, text in result["assumptions"].items():
         out.print(f"assumes ({name.replace('_', ' ')}): {text}", soft_wrap=True)
+
+
+def _rate(ev: dict) -> str:
+    # A shard_gaussian event is not subsampled: its image's steps are all charged, so no rate is shown.
+    if "shards" in ev:
+        return f"shard 1/{ev['shards']}"
+    return f"{ev.get('sample_rate', 1.0):.4g}"

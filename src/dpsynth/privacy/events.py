@@ -76,6 +76,29 @@ class PoissonGaussianEvent(PrivacyEvent):
 
 
 @dataclass(frozen=True)
+class ShardGaussianEvent(PrivacyEvent):
+    """`steps` Gaussian releases, each computed from one of `shards` fixed disjoint shards
+    drawn uniformly per step (GS-WGAN). Each image sits in one shard, drawn uniformly and
+    kept secret, for all steps; the shard index of each step is treated as public. An image
+    is then touched by K ~ Bin(steps, 1/shards) of the steps, and the event is dominated by
+    the binomial mixture of K-fold Gaussians: delta(eps) = E_K[delta_Gauss(eps; sqrt(K)/sigma)]
+    (privacy/accountant.py). No amplification beyond that: which steps touch the image is
+    not hidden."""
+
+    mechanism: ClassVar[str] = "shard_gaussian"
+    noise_multiplier: float
+    shards: int
+    steps: int
+    note: str = field(default="", compare=False)
+
+    def __post_init__(self) -> None:
+        _check_positive("noise_multiplier", self.noise_multiplier, "shard_gaussian event")
+        if not isinstance(self.shards, int) or isinstance(self.shards, bool) or self.shards < 1:
+            raise BadInput(f"shard_gaussian event: shards={self.shards!r}; it must be an integer >= 1")
+        _check_steps(self.steps, "shard_gaussian event")
+
+
+@dataclass(frozen=True)
 class LaplaceEvent(PrivacyEvent):
     """Laplace mechanism with scale b = sensitivity / epsilon0 (pure epsilon0-DP), `steps` times."""
 
@@ -95,7 +118,7 @@ def _check_steps(steps: int, what: str) -> None:
 
 
 EVENT_TYPES: dict[str, type[PrivacyEvent]] = {
-    cls.mechanism: cls for cls in (GaussianEvent, PoissonGaussianEvent, LaplaceEvent)
+    cls.mechanism: cls for cls in (GaussianEvent, PoissonGaussianEvent, ShardGaussianEvent, LaplaceEvent)
 }
 
 

@@ -4,6 +4,8 @@ clipping norms): no torch, so planning never needs the training stack.
 
 DP-SGD (opacus' DPOptimizer): one PoissonGaussianEvent(sigma, q, T).
 
+GS-WGAN: one ShardGaussianEvent(sigma, N_d, T) (its argument: methods/gan/gs_wgan.py).
+
 EFSGD (DP-SGD with clipped error feedback, DiceSGD; `training.efsgd` runs it). In opacus'
 "sum" units, with S_t the clipped sum and F_t = clip(e_t, C2) the error feedback, it
 releases (S_t + F_t + W_t) / b with W_t ~ N(0, (sqrt(2)*sigma*C1)^2 I).
@@ -46,8 +48,9 @@ from typing import Sequence
 
 from ..errors import BadInput
 from ..validation import check_choice, check_positive
+from .accountant import epsilon_upper, rdp_epsilon
 from .calibration import calibrate_sigma
-from .events import GaussianEvent, PoissonGaussianEvent, PrivacyEvent
+from .events import GaussianEvent, PoissonGaussianEvent, PrivacyEvent, ShardGaussianEvent
 
 PRIVATE_OPTIMIZERS = ("dpsgd", "efsgd")
 NOISE_FACTOR = math.sqrt(2.0)  # EFSGD's applied std = NOISE_FACTOR * sigma * C1 (two equal halves)
@@ -164,3 +167,32 @@ def gaussian_release_sigma(spent: Sequence[PrivacyEvent], target_epsilon: float,
     return calibrate_sigma(spent, target_epsilon, delta,
                            lambda sigma: [GaussianEvent(stage=stage, noise_multiplier=sigma, note=note)],
                            sigma_min=0.05, sigma_max=200.0)
+
+
+def calibrate_shard_gaussian(spent: Sequence[PrivacyEvent], target_epsilon: float, delta: float, *,
+                             shards: int, steps: int, stage: str = "finetune", rel_tol: float = 2e-3) -> float:
+    """Smallest noise multiplier (to rel_tol) of ShardGaussianEvent(sigma, shards, steps) keeping
+    the PRV upper bound of the ledger <= target_epsilon.
+
+    The PRV grid grows with epsilon (~1000s at sigma ~ 0.1), so a blind bracket costs minutes:
+    the bracket is taken around the sigma at which the (cheap, analytic, looser) RDP bound meets
+    the target, and only the PRV decides."""
+    def events_at(sigma: float) -> list[PrivacyEvent]:
+        return [ShardGaussianEvent(stage, sigma, shards, steps)]
+
+    lo, hi = 0.1, 2000.0
+    try:
+        if rdp_epsilon([*spent, *events_at(hi)], delta) <= target_epsilon:
+            while hi / lo > 1.01:  # bisection on the RDP bound, which decreases in sigma
+                mid = math.sqrt(lo * hi)
+                lo, hi = (lo, mid) if rdp_epsilon([*spent, *events_at(mid)], delta) <= target_epsilon else (mid, hi)
+            lo, hi = hi / 2.0, hi * 1.5  # PRV's sigma is below RDP's (RDP over-counts), rarely by 2x
+    except (BadInput, ValueError, FloatingPointError, OverflowError):
+        lo, hi = 0.1, 2000.0  # RDP did not help: the blind bracket is slow but still exact
+    if epsilon_upper([*spent, *events_at(hi)], delta) > target_epsilon:
+        hi = 2000.0  # never refuse for the bracket's sake; calibrate_sigma says if even this fails
+    while lo > 0.1 and epsilon_upper([*spent, *events_at(lo)], delta) <= target_epsilon:
+        lo, hi = lo / 2.0, lo  # keep the bracket's low end infeasible, so the result is the smallest sigma
+    return calibrate_sigma(spent, target_epsilon, delta, events_at, sigma_min=lo, sigma_max=hi, rel_tol=rel_tol,
+                           too_little=f"for {steps} steps over {shards} shards",
+                           advice="use fewer `iterations`, more `discriminators`, or a larger `eps`")

@@ -2,35 +2,51 @@
 
 Mechanism
 - The sensitive set is split into N_d disjoint shards; each image's shard is drawn
-  independently and uniformly from a generator seeded with OS entropy (never written).
-  Independent assignment keeps every other image's shard identically distributed when one
-  image is added or removed, which the argument below needs.
+  independently and uniformly from a generator seeded with OS entropy (never written, drawn
+  afresh for every run). Independent assignment keeps every other image's shard identically
+  distributed when one image is added or removed, which the argument below needs.
 - Discriminator k is warm-started on shard k only (WGAN-GP against its own throwaway copy
   of the initial generator, as GS-WGAN's pre-training does). Discriminators and their
   copies are hidden state: never written, never returned.
-- Each generator step draws one discriminator k uniformly (so each image's shard is chosen
-  with probability exactly q = 1/N_d, independently across steps), updates it
-  `critic_iters` times on minibatches of its own shard (WGAN-GP + GS-WGAN's epsilon
-  penalty), then releases to the generator only g_i = clip_C(d(-D_k(x_i, y_i))/d x_i)
-  + N(0, (sigma_applied * C)^2 I) for each of the B fake samples x_i = G(z_i, y_i).
-  The generator's update is a function of those B noisy vectors (post-processing).
+- Each generator step draws one discriminator k uniformly, updates it `critic_iters` times
+  on minibatches of its own shard (WGAN-GP + GS-WGAN's epsilon penalty), then releases to
+  the generator only g_i = clip_C(d(-D_k(x_i, y_i))/d x_i) + N(0, (sigma_applied * C)^2 I)
+  for each of the B fake samples x_i = G(z_i, y_i). The generator's update is a function of
+  those B noisy vectors (post-processing).
 
-Sensitivity (add/remove one image x, in shard s). The release of one step is the
-B x (C*H*W) matrix of clipped per-fake-sample gradients. All B rows depend on the chosen
-discriminator, which depends on every image of its shard: when s is chosen and x is
-added or removed, D_s can change arbitrarily, so each clipped row can move anywhere
-within its C-ball (by up to 2C) and the matrix by up to 2C*sqrt(B) in Frobenius (L2) norm.
-Rows are not separately private: they share D_s. With per-coordinate noise std
-sigma_applied * C the step is a Gaussian mechanism with noise multiplier
-sigma_applied / (2 sqrt(B)) relative to that sensitivity. When another shard is chosen the
-release does not depend on x. The ledger records
-PoissonGaussianEvent(noise_multiplier = sigma_applied / (2 sqrt(B)), q = 1/N_d,
-steps = generator steps); calibration solves that multiplier (sigma_eff) and applies
-sigma_applied = sigma_eff * 2 sqrt(B).
+Sensitivity of one step. The release is the B x (C*H*W) matrix of clipped per-fake-sample
+gradients. All B rows depend on the chosen discriminator, which depends on every image of
+its shard: when x's shard s is chosen and x is added or removed, D_s can change
+arbitrarily, so each clipped row can move anywhere within its C-ball (by up to 2C) and the
+matrix by up to 2C*sqrt(B) in Frobenius (L2) norm. Rows are not separately private: they
+share D_s. With per-coordinate noise std sigma_applied * C the step is a Gaussian mechanism
+with noise multiplier sigma = sigma_applied / (2 sqrt(B)) relative to that sensitivity.
+When another shard is chosen the release does not depend on x (critic k != s sees only
+shard k, and the other images' shards are distributed alike with or without x).
+
+Privacy of T steps (ShardGaussianEvent, privacy/accountant.py). x's shard s is fixed for
+the whole run, so x influences exactly the steps that draw s: not a fresh Bernoulli(1/N_d)
+per step, so GS-WGAN's Poisson-style amplification by q = 1/N_d has no proof here (its
+epsilon is 4-45x below the bound below on our recipes). We give the adversary the index sequence
+k_1..k_T (data-independent). Given it and s, x touches K_s = #{t: k_t = s} steps, each a
+Gaussian release of multiplier sigma on an adaptively chosen query (the hidden critic
+state is a function of the data, public outputs and data-independent randomness), so the
+pair is dominated by the K_s-fold Gaussian N(sqrt(K_s)/sigma, 1) vs N(0, 1). s is uniform,
+secret and independent of the sequence; by joint convexity of the hockey-stick divergence
+the mixture over s is dominated by the average over s, in both directions (the Gaussian
+pair is symmetric), and averaging over the public sequence gives
+  delta(eps) <= E_{K ~ Bin(T, 1/N_d)} [delta_Gauss(eps; sqrt(K)/sigma)],
+which is the hockey-stick curve of the T-fold product of the one-step pair with the
+"used x's shard" bit visible: that product is what the ledger composes. The ledger records
+ShardGaussianEvent(noise_multiplier = sigma, shards = N_d, steps = T); calibration solves
+sigma and applies sigma_applied = sigma * 2 sqrt(B). Only the K ~ T/N_d steps that use x's
+shard count, but they count in full (mu ~ sqrt(T/N_d)/sigma): epsilon depends on T and N_d
+only through Bin(T, 1/N_d).
 
 GS-WGAN's own analysis (code: evaluation/privacy_analysis.py) composes B * iterations
-separately subsampled per-sample Gaussians; the B rows of one step share one subsampling
-event and one discriminator, so that under-counts (docs/DECISIONS.md, "GANs (issue 5)").
+separately subsampled per-sample Gaussians: the B rows of one step share one discriminator
+(an under-count), and the subsampling amplification is unproven for persistent shards
+(docs/DECISIONS.md, "GANs (issue 5)" and "GS-WGAN's accounting (issue 11)").
 """
 
 from __future__ import annotations

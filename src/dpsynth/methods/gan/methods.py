@@ -13,9 +13,9 @@ from typing import Any
 from ...errors import BadInput
 from ..base import Method, PrivatePlan
 from ..registry import register_method
-from ...privacy.events import PoissonGaussianEvent
-from ...privacy.plans import (applied_noise_std, calibrate_private_optimizer, private_optimizer_events,
-                                          resolve_feedback_clip)
+from ...privacy.events import ShardGaussianEvent
+from ...privacy.plans import (applied_noise_std, calibrate_private_optimizer, calibrate_shard_gaussian,
+                              private_optimizer_events, resolve_feedback_clip)
 from .dp_gan import DPGANSchedule, train_dp_gan
 from .gs_wgan import applied_noise_multiplier, train_gs_wgan
 from .models import ConditionalGenerator, GANConfig
@@ -151,19 +151,19 @@ class GSWGAN(GANMethod):
 
     def plan_private(self, *, dataset_size, opts, spent, eps, delta) -> PrivatePlan:
         t = self._check(dataset_size, opts)
-        q = 1.0 / t["discriminators"]
-        sigma_eff = calibrate_private_optimizer("dpsgd", spent, eps, delta, sample_rate=q, steps=t["iterations"],
-                                                stage=STAGE)
-        applied = applied_noise_multiplier(sigma_eff, opts["batch_size"])
-        event = PoissonGaussianEvent(
-            stage=STAGE, noise_multiplier=sigma_eff, sample_rate=q, steps=t["iterations"],
-            note=f"gs-wgan: B={opts['batch_size']} per-fake-sample gradients clipped to C={opts['clip']:g}, "
-                 f"noise std {applied:.4g}*C per coordinate; L2 sensitivity 2C*sqrt(B); "
-                 f"shard chosen with q=1/{t['discriminators']} (GS-WGAN's amplification; unproven for shards "
-                 f"that persist across steps, see docs/DECISIONS.md 'GANs (issue 5)')")
+        shards, steps, batch = t["discriminators"], t["iterations"], opts["batch_size"]
+        # Shard-Gaussian accounting (gs_wgan.py): each image is touched by K ~ Bin(steps, 1/shards)
+        # unamplified Gaussian releases; no Poisson amplification by 1/shards.
+        sigma_eff = calibrate_shard_gaussian(spent, eps, delta, shards=shards, steps=steps, stage=STAGE)
+        applied = applied_noise_multiplier(sigma_eff, batch)
+        event = ShardGaussianEvent(
+            stage=STAGE, noise_multiplier=sigma_eff, shards=shards, steps=steps,
+            note=f"gs-wgan: B={batch} per-fake-sample gradients clipped to C={opts['clip']:g}, "
+                 f"noise std {applied:.4g}*C per coordinate; L2 sensitivity 2C*sqrt(B); the image's shard "
+                 f"(1 of {shards}) is fixed, each step's shard index is treated as public")
         return PrivatePlan(events=(event,), settings={
             "noise_multiplier": sigma_eff, "noise_multiplier_applied": applied, "noise_std": applied * opts["clip"],
-            "sample_rate": q, "generator_steps": t["iterations"], "l2_sensitivity_per_clip": 2.0 * opts["batch_size"] ** 0.5})
+            "shards": shards, "generator_steps": steps, "l2_sensitivity_per_clip": 2.0 * batch ** 0.5})
 
     def train_private(self, generator, images, labels, *, opts, plan, device, progress):
         t = self._check(len(images), opts)
