@@ -18,10 +18,12 @@ from .events import PrivacyEvent
 
 
 def calibrate_sigma(spent: Sequence[PrivacyEvent], target_epsilon: float, delta: float,
-                    events_at: Callable[[float], list[PrivacyEvent]], *, sigma_min: float = 0.05, sigma_max: float = 500.0,
+                    events_at: Callable[[float], list[PrivacyEvent]], *, sigma_min: float = 0.4, sigma_max: float = 500.0,
                     rel_tol: float = 2e-3, too_little: str = "", advice: str = "use a larger `eps`") -> float:
     """Smallest sigma (to rel_tol) such that the PRV upper bound of `spent + events_at(sigma)`
     is <= target_epsilon, for any mechanism whose events all get noisier as sigma grows.
+    `sigma_min` bounds the search from below: PRV's grid for a subsampled Gaussian far below
+    sigma 0.4 takes gigabytes; a full-data Gaussian release can pass a lower one.
 
     Bisection on log(sigma); epsilon decreases monotonically in sigma. The returned
     value always satisfies the target (we keep the feasible end of the bracket).
