@@ -24,7 +24,9 @@ from ..errors import BadInput
 from ..privacy.accountant import compose_epsilon
 from ..privacy.plans import calibrate_private_optimizer
 from ..privacy.events import PoissonGaussianEvent
+from ..progress import no_progress
 from ..training.dpsgd import DPSGDPlan, train_dp
+from ..training.options import FinetuneOptions
 from .bound import best_guess, default_ks, one_run_p_value
 
 CANARY_SCALE = 100.0  # canary input magnitude: its gradient stays clipped to exactly C until it is fit
@@ -140,8 +142,9 @@ def run_audit(config: AuditConfig, progress=None) -> AuditResult:
     torch.manual_seed(config.seed)
     model = CanaryLinear(real_dim, m)
     trained = train_dp(model, images, labels, _loss, plan=plan, noise_multiplier=sigma if config.noise else 0.0,
-                       clip=config.clip, lr=config.lr, grad_sample_mode="hooks", optimizer="sgd",
-                       progress=progress)
+                       opts=FinetuneOptions(clip=config.clip, lr=config.lr, grad_sample_mode="hooks",
+                                            base_optimizer="sgd"),
+                       progress=progress or no_progress, phase="audit (DP-SGD)")
 
     logits = trained.canary_logits()
     own = logits[torch.arange(m), canary_labels]

@@ -8,7 +8,6 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -22,12 +21,7 @@ from .rundir import RunDir
 from ..mechanisms.noisy_val import reservation_event
 from .holdout import check_holdout, holdout_record, split_off
 
-# progress(phase, done, total); the CLI draws rich bars from it, the library never prints.
-Progress = Callable[[str, int, int], None]
-
-
-def no_progress(phase: str, done: int, total: int) -> None:
-    return None
+from ..progress import Progress, no_progress  # noqa: F401  (the one progress signature; re-exported)
 
 
 @dataclass(frozen=True)
