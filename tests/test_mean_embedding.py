@@ -180,7 +180,7 @@ def test_dp_ntk_embeds_every_sensitive_image(monkeypatch):
     monkeypatch.setattr(me_methods, "noisy_sum", recording_noisy_sum)
     m = get_method("dp-ntk")
     opts = resolve_options(m, FinetuneOptions(**{"epochs": 1, "batch_size": 1150, "train_opts": "ntk_width=4,ntk_width2=4"}))
-    plan = PrivatePlan(events=(), settings={"noise_multiplier": 1e-6})
+    plan = PrivatePlan(events=(), settings={"noise_multiplier": 1e-6, "dataset_size": n})
     generator = m.build_generator(8, 1, k)
     m.train_private(generator, images, labels, opts=opts, plan=plan, device=torch.device("cpu"),
                     progress=lambda *a: None, checkpoints=None)
@@ -204,7 +204,8 @@ def test_dp_kernel_releases_exactly_the_planned_number_of_poisson_batches(monkey
     m = get_method("dp-kernel", {"width": 4, "hidden": 8})
     opts = resolve_options(m, FinetuneOptions(**{"epochs": 1, "batch_size": 1, "train_opts": "features=8,generator_batch=4"}))
     event = PoissonGaussianEvent(stage="finetune", noise_multiplier=1.0, sample_rate=1 / n, steps=n)
-    plan = PrivatePlan(events=(event,), settings={"noise_multiplier": 1.0, "sample_rate": 1 / n, "releases": n})
+    plan = PrivatePlan(events=(event,), settings={"noise_multiplier": 1.0, "sample_rate": 1 / n, "releases": n,
+                                                        "dataset_size": n})
     m.train_private(m.build_generator(8, 1, k), images, labels, opts=opts, plan=plan, device=torch.device("cpu"),
                     progress=lambda *a: None, checkpoints=None)
     assert len(sizes) == plan.events[0].steps == 40
