@@ -61,20 +61,23 @@ def run_finetune(run_path: str | Path, settings: DataSettings | None = None, *, 
     if resume:  # no new event: the ones written before the first step cover all planned steps
         events = checkpoints.resumable_events(run, STAGE, recorded)
         plan = PrivatePlan(events=events, settings=dict(recorded["plan"]))
-        spent_before = spent
+        ledger = spent
     else:
         plan = method_obj.plan_private(dataset_size=declared_size(run), opts=opts, spent=spent, eps=eps,
                                        delta=run.delta)
         if not plan.events:
             raise AssertionError(f"{method_obj.name} planned no privacy event but reads the sensitive set")
-        spent_before = [*spent, *plan.events]
-    after = compose_epsilon(spent_before, run.delta)
+        ledger = [*spent, *plan.events]
+    after = compose_epsilon(ledger, run.delta)
     if after.upper > eps:  # calibration guarantees otherwise; checked before anything is written
         raise AssertionError(f"ledger epsilon {after.upper} would exceed target {eps}")
 
     _, c, r, _ = sensitive.images.shape
     torch.manual_seed(run.manifest["settings"].get("seed", 0))  # model init only; noise is reseeded below
-    generator, inputs = _starting_generator(run, sensitive, method_obj, arch)
+    if resume and not method_obj.uses_pretrain_stage:  # the architecture the checkpoint was trained with
+        generator, inputs = method_obj.generator_from_config(recorded["generator"]), []
+    else:
+        generator, inputs = _starting_generator(run, sensitive, method_obj, arch)
     if not resume:  # a resumed run's generator passed this before its events were recorded
         method_obj.check_generator(generator, channels=c, resolution=r, num_classes=sensitive.num_classes, opts=opts)
     torch_device = resolve_device(device)
@@ -104,11 +107,12 @@ def run_finetune(run_path: str | Path, settings: DataSettings | None = None, *, 
         if trained.ema_state_dict is not None:
             payload["ema_state_dict"] = {k: v.cpu() for k, v in trained.ema_state_dict.items()}
         run.write_artifact(STAGE, GENERATOR, torch_bytes(payload))
-    checkpoints.discard_all(run, STAGE)  # after completion: until then they are the way back
+    with run.lock():
+        checkpoints.discard_all(run, STAGE)  # after completion: until then they are the way back
     result = {"epsilon_spent": after.upper, "target_epsilon": eps, "delta": run.delta, "method": method_obj.name,
               "events": [e.to_dict() for e in plan.events], **_scalars(plan.settings)}
     if opts.private_optimizer is not None:
-        result["optimizer"] = opts.private_optimizer
+        result["private_optimizer"] = opts.private_optimizer
     if opts.notes:
         result["option_notes"] = list(opts.notes)
     return result

@@ -26,7 +26,7 @@ from ..progress import Progress, no_progress
 from .checkpoint import Checkpointing, capture_state, restore_model_and_optimizer, restore_rng
 from .dp_guards import check_poisson_sampler
 from ..privacy.plans import DPSGDPlan, check_private_optimizer
-from .options import GRAD_SAMPLE_MODES, FinetuneOptions, check_combination, check_values
+from .options import FinetuneOptions, check_combination, check_values
 from .private_optimizer import make_private_optimizer
 
 NO_CHECKPOINTS = Checkpointing()

@@ -13,9 +13,9 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from ..errors import BadInput
+from ..privacy.plans import PRIVATE_OPTIMIZERS
 from ..validation import check_choice, check_fraction, check_positive
 
-PRIVATE_OPTIMIZERS = ("dpsgd", "efsgd")
 BASE_OPTIMIZERS = ("adam", "sgd")
 GRAD_SAMPLE_MODES = ("ghost", "vmap", "hooks", "functorch")
 # The options a user can set; a method accepts those that are keys of its `finetune_defaults`.
