@@ -19,6 +19,7 @@ import torch
 
 from dpsynth.models.edm import EDMConfig, EDMDiffusion, count_parameters
 from dpsynth.training.dpsgd import DPSGDPlan, train_dp
+from dpsynth.training.options import FinetuneOptions
 
 
 def loss_fn(model, x, y):
@@ -56,8 +57,9 @@ def time_dp(cfg: EDMConfig, x, y, k: int, steps: int, mode: str, device, physica
     images = torch.cat([x, x]).cpu()
     labels = torch.cat([y, y]).cpu()
     plan = DPSGDPlan(dataset_size=len(images), batch_size=len(x), epochs=steps // 2)
-    kwargs = dict(plan=plan, noise_multiplier=1.0, clip=1e-3, lr=1e-4, grad_sample_mode=mode,
-                  noise_multiplicity=k, physical_batch_size=physical)
+    kwargs = dict(plan=plan, noise_multiplier=1.0, opts=FinetuneOptions(clip=1e-3, lr=1e-4, grad_sample_mode=mode,
+                                                                      noise_multiplicity=k,
+                                                                      physical_batch_size=physical))
     warm = DPSGDPlan(dataset_size=len(images), batch_size=len(x), epochs=1)
     train_dp(model, images, labels, loss_fn, **{**kwargs, "plan": warm})
     model = EDMDiffusion(cfg).to(device)

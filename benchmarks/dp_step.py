@@ -20,6 +20,7 @@ import torch
 from dpsynth.data import load_dataset
 from dpsynth.methods import get_method
 from dpsynth.training.dpsgd import DPSGDPlan, train_dp, train_nonprivate
+from dpsynth.training.options import FinetuneOptions
 
 
 def timed(fn, repeats: int) -> float:
@@ -56,7 +57,7 @@ def main() -> None:
 
     def private(mode):
         return lambda: train_dp(build(), data.images, data.labels, method.per_sample_loss, plan=plan,
-                                noise_multiplier=1.0, clip=1.0, lr=1e-3, grad_sample_mode=mode)
+                                noise_multiplier=1.0, opts=FinetuneOptions(clip=1.0, lr=1e-3, grad_sample_mode=mode))
 
     rows = [{"step": "non-private (Adam)", "seconds_per_step": timed(nonprivate, args.repeats) / args.steps}]
     for mode in ("ghost", "hooks", "functorch"):

@@ -24,6 +24,7 @@ import torch
 from dpsynth.data import load_dataset
 from dpsynth.methods import get_method
 from dpsynth.training.dpsgd import DPSGDPlan, train_dp
+from dpsynth.training.options import FinetuneOptions
 
 
 def timed_pair(fns: dict, repeats: int) -> dict:
@@ -78,8 +79,9 @@ def main() -> None:
     def run(mode: str, kind: str):
         feedback = 0.5 * plan.sample_rate if kind == "efsgd" else None
         return lambda: train_dp(build(), data.images, data.labels, method.per_sample_loss, plan=plan,
-                                noise_multiplier=1.0, clip=1.0, lr=1e-3, grad_sample_mode=mode,
-                                private_optimizer=kind, feedback_clip=feedback)
+                                noise_multiplier=1.0, opts=FinetuneOptions(clip=1.0, lr=1e-3, grad_sample_mode=mode,
+                                                                           private_optimizer=kind,
+                                                                           feedback_clip=feedback))
 
     rows = []
     for mode in args.modes:

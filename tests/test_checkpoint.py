@@ -9,8 +9,9 @@ import pytest
 import torch
 from torch import nn
 
-from dpsynth.training.checkpoint import stop_on_sigint
+from dpsynth.training.checkpoint import Checkpointing, stop_on_sigint
 from dpsynth.training.dpsgd import DPSGDPlan, ExponentialMovingAverage, train_dp
+from dpsynth.training.options import FinetuneOptions
 
 
 class Stochastic(nn.Module):
@@ -47,8 +48,9 @@ def run(mode, plan, x, y, resume=None, stop_at=None):
     if resume is None:
         torch.manual_seed(1234)  # the DP randomness: sampling, noise and the model's own
     try:
-        trained = train_dp(model, x, y, loss, plan=plan, noise_multiplier=0.8, clip=0.5, lr=0.05,
-                           grad_sample_mode=mode, ema=ema, resume=resume, on_step=on_step)
+        trained = train_dp(model, x, y, loss, plan=plan, noise_multiplier=0.8,
+                           opts=FinetuneOptions(clip=0.5, lr=0.05, grad_sample_mode=mode), ema=ema,
+                           checkpoints=Checkpointing(resume=resume, on_step=on_step))
     except Stop:
         return None, None, captured["state"]
     return trained, ema, None

@@ -16,6 +16,7 @@ from dpsynth.errors import BadInput
 from dpsynth.methods import METHODS, get_method, parse_arch
 from dpsynth.models.edm import EDMConfig, EDMDiffusion
 from dpsynth.training.dpsgd import DPSGDPlan, PerExampleGradients, train_dp
+from dpsynth.training.options import FinetuneOptions
 
 TINY = dict(resolution=8, channels=1, num_classes=3, width=4, ch_mult=(1, 2), num_res_blocks=1)
 
@@ -69,8 +70,9 @@ def test_virtual_steps_give_the_same_update_as_one_large_batch():
         model = EDMDiffusion(EDMConfig(**TINY))
         torch.manual_seed(11)  # same Poisson batches in both runs
         plan = DPSGDPlan(dataset_size=24, batch_size=12, epochs=1)
-        train_dp(model, x, y, fixed_draw_loss(2), plan=plan, noise_multiplier=0.0, clip=0.5, lr=1e-2,
-                 grad_sample_mode="vmap", noise_multiplicity=2, physical_batch_size=physical)
+        train_dp(model, x, y, fixed_draw_loss(2), plan=plan, noise_multiplier=0.0,
+                 opts=FinetuneOptions(clip=0.5, lr=1e-2, grad_sample_mode="vmap", noise_multiplicity=2,
+                                      physical_batch_size=physical))
         results.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
     assert not torch.equal(results[0], torch.cat([p.detach().flatten() for p in
                                                   EDMDiffusion(EDMConfig(**TINY)).parameters()]))
@@ -81,8 +83,8 @@ def test_ghost_clipping_refuses_noise_multiplicity():
     model = EDMDiffusion(EDMConfig(**TINY))
     x, y = torch.zeros(8, 1, 8, 8, dtype=torch.uint8), torch.zeros(8, dtype=torch.long)
     with pytest.raises(BadInput, match="ghost"):
-        train_dp(model, x, y, fixed_draw_loss(2), plan=DPSGDPlan(8, 4, 1), noise_multiplier=1.0, clip=1.0,
-                 lr=1e-3, grad_sample_mode="ghost", noise_multiplicity=2)
+        train_dp(model, x, y, fixed_draw_loss(2), plan=DPSGDPlan(8, 4, 1), noise_multiplier=1.0,
+                 opts=FinetuneOptions(clip=1.0, lr=1e-3, grad_sample_mode="ghost", noise_multiplicity=2))
 
 
 def test_backbone_shapes_loss_and_sampler():

@@ -14,6 +14,7 @@ from dpsynth.errors import BadInput
 from dpsynth.methods import get_method
 from dpsynth.training.dp_guards import check_per_sample_gradients, check_poisson_sampler
 from dpsynth.training.dpsgd import DPSGDPlan, train_dp
+from dpsynth.training.options import FinetuneOptions
 
 
 class WithBatchNorm(nn.Module):
@@ -75,7 +76,7 @@ def test_the_pipeline_generator_passes_and_the_global_rng_is_untouched():
 def test_batchnorm_reaching_train_dp_fails_before_any_step():
     with pytest.raises(BadInput, match="not DP-SGD compatible"):
         train_dp(WithBatchNorm(), torch.randn(20, 4), torch.zeros(20), loss, plan=DPSGDPlan(20, 5, 1),
-                 noise_multiplier=1.0, clip=1.0, lr=0.1, grad_sample_mode="hooks")
+                 noise_multiplier=1.0, opts=FinetuneOptions(clip=1.0, lr=0.1, grad_sample_mode="hooks"))
 
 
 def test_sampler_type_and_rate_are_checked():
@@ -99,7 +100,7 @@ def test_batches_train_dp_draws_have_poisson_sizes():
 
     torch.manual_seed(0)
     train_dp(nn.Linear(2, 1), torch.randn(n, 2), torch.zeros(n), recording_loss, plan=plan, noise_multiplier=1.0,
-             clip=1.0, lr=0.01, grad_sample_mode="hooks", optimizer="sgd")
+             opts=FinetuneOptions(clip=1.0, lr=0.01, grad_sample_mode="hooks", base_optimizer="sgd"))
     sizes = torch.tensor(sizes, dtype=torch.float64)
     q, steps = plan.sample_rate, plan.steps
     assert len(sizes) == steps  # no empty batch at this size, so one loss call per step

@@ -8,6 +8,7 @@ from torch import nn
 from dpsynth.errors import BadInput
 from dpsynth.models.cvae import ConditionalVAE, CVAEConfig
 from dpsynth.training.dpsgd import DPSGDPlan, check_dp_compatible, train_dp
+from dpsynth.training.options import FinetuneOptions
 
 
 class Tiny(nn.Module):
@@ -48,8 +49,8 @@ def test_one_step_equals_mean_of_clipped_per_sample_gradients(mode):
     model = Tiny()
     model.load_state_dict(start)
     # q = 1 includes every image; noise 0 isolates the clipping; SGD lr 1 exposes the gradient.
-    trained = train_dp(model, x, y, per_sample, plan=DPSGDPlan(16, 16, 1), noise_multiplier=0.0, clip=clip,
-                       lr=1.0, grad_sample_mode=mode, optimizer="sgd")
+    trained = train_dp(model, x, y, per_sample, plan=DPSGDPlan(16, 16, 1), noise_multiplier=0.0,
+                       opts=FinetuneOptions(clip=clip, lr=1.0, grad_sample_mode=mode, base_optimizer="sgd"))
     for (name, before), p, acc in zip(start.items(), trained.parameters(), clipped_sum):
         assert torch.allclose(before - p.detach(), acc / 16, atol=1e-5), name
 

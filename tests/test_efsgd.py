@@ -15,6 +15,8 @@ from cli_helpers import snapshot
 from dpsynth.cli.main import main
 from dpsynth.errors import BadInput
 from dpsynth.training.dpsgd import DPSGDPlan, train_dp
+from dpsynth.training.options import FinetuneOptions
+from dpsynth.training.checkpoint import Checkpointing
 from dpsynth.privacy.plans import private_optimizer_events
 from dpsynth.training.efsgd import ERROR_KEY, EFSGDOptimizer
 from dpsynth.training.private_optimizer import make_private_optimizer
@@ -179,9 +181,10 @@ def _train(plan, x, y, resume=None, stop_at=None):
     if resume is None:
         torch.manual_seed(1234)
     try:
-        return train_dp(model, x, y, _loss, plan=plan, noise_multiplier=0.8, clip=0.1, lr=0.05, optimizer="adam",
-                        grad_sample_mode="vmap", private_optimizer="efsgd", feedback_clip=0.05, resume=resume,
-                        on_step=on_step), None
+        opts = FinetuneOptions(clip=0.1, lr=0.05, base_optimizer="adam", grad_sample_mode="vmap",
+                               private_optimizer="efsgd", feedback_clip=0.05)
+        return train_dp(model, x, y, _loss, plan=plan, noise_multiplier=0.8, opts=opts,
+                        checkpoints=Checkpointing(resume=resume, on_step=on_step)), None
     except _Stop:
         return None, captured["state"]
 
@@ -229,8 +232,10 @@ def test_finetune_with_efsgd_through_the_cli(tmp_path, capsys):
     gaussian, poisson = events
     config = manifest["stages"]["finetune"]["config"]
     sigma, c1 = poisson["noise_multiplier"], config["clip"]
-    assert config["optimizer"] == "efsgd" and config["feedback_clip"] == 0.05
+    assert config["private_optimizer"] == "efsgd" and config["feedback_clip"] == 0.05
     assert config["grad_sample_mode"] == "vmap"  # ghost is the method's default; EFSGD needs per-example grads
+    # ... and the stage says so instead of swapping silently
+    assert any("grad_sample_mode=vmap" in note and "ghost" in note for note in config["option_notes"])
     assert config["noise_std"] == pytest.approx(math.sqrt(2) * sigma * c1)
     assert gaussian["noise_multiplier"] == pytest.approx(sigma * c1 / (2 * 0.05))
     assert poisson["sample_rate"] == pytest.approx(1 / 6) and poisson["steps"] == gaussian["steps"] == 6

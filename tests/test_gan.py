@@ -21,6 +21,7 @@ from dpsynth.methods.gan.models import ConditionalDiscriminator, ConditionalGene
 from dpsynth.methods import get_method
 from dpsynth.training.dpsgd import PerExampleGradients
 from shard_closed_form import shard_gaussian_epsilon
+from dpsynth.training.options import FinetuneOptions, resolve_options
 
 TINY = GANConfig(resolution=8, channels=1, num_classes=3, latent_dim=4, width=4, disc_width=4)
 
@@ -98,8 +99,8 @@ def test_dp_gan_runs_exactly_the_planned_noisy_steps(monkeypatch):
     schedule = DPGANSchedule(dataset_size=60, batch_size=10, epochs=2, n_critic=3)
     generator = ConditionalGenerator(TINY)
     before = [p.detach().clone() for p in generator.parameters()]
-    _, counts = train_dp_gan(generator, x, y, schedule=schedule, noise_multiplier=1.0, clip=1.0, lr=1e-3, g_lr=1e-3,
-                             beta1=0.5, recon_weight=1.0)
+    opts = FinetuneOptions(clip=1.0, lr=1e-3, train_opts={"g_lr": 1e-3, "beta1": 0.5, "recon_weight": 1.0})
+    _, counts = train_dp_gan(generator, x, y, schedule=schedule, noise_multiplier=1.0, opts=opts)
     assert len(calls) == schedule.discriminator_steps == 12 and counts["discriminator_steps"] == 12
     assert counts["generator_steps"] == 4 == schedule.generator_steps
     assert any(not torch.equal(a, b) for a, b in zip(before, generator.parameters()))
@@ -120,8 +121,9 @@ def test_dp_gan_with_efsgd_steps_through_its_error_feedback():
     schedule = DPGANSchedule(dataset_size=40, batch_size=10, epochs=1, n_critic=2)
     try:
         EFSGDOptimizer.add_noise = counting
-        train_dp_gan(ConditionalGenerator(TINY), x, y, schedule=schedule, noise_multiplier=1.0, clip=0.01, lr=1e-3,
-                     g_lr=1e-3, beta1=0.5, recon_weight=1.0, private_optimizer="efsgd", feedback_clip=0.005)
+        opts = FinetuneOptions(clip=0.01, lr=1e-3, private_optimizer="efsgd", feedback_clip=0.005,
+                               train_opts={"g_lr": 1e-3, "beta1": 0.5, "recon_weight": 1.0})
+        train_dp_gan(ConditionalGenerator(TINY), x, y, schedule=schedule, noise_multiplier=1.0, opts=opts)
     finally:
         EFSGDOptimizer.add_noise = original
     assert len(seen) == 4
@@ -167,8 +169,7 @@ def _prv_upper(events, delta):
 
 def test_gs_wgan_event_multiplier_shards_and_steps():
     method = get_method("gs-wgan")
-    opts = {**method.finetune_defaults, "batch_size": 16,
-            "train_opts": {**method.finetune_defaults["train_opts"], "discriminators": 20, "iterations": 300}}
+    opts = resolve_options(method, FinetuneOptions(batch_size=16, train_opts="discriminators=20,iterations=300"))
     plan = method.plan_private(dataset_size=400, opts=opts, spent=[], eps=5.0, delta=1e-5)
     (event,) = plan.events
     applied = plan.settings["noise_multiplier_applied"]
@@ -223,7 +224,7 @@ def test_every_gan_method_runs_all_stages_through_the_cli(tmp_path, method, extr
         assert estimate - 1e-6 <= manifest["privacy"]["epsilon"] <= upper + 0.02
         assert manifest["privacy"]["epsilon"] <= 6.0
     if method == "efsgd-gan":
-        assert config["optimizer"] == "efsgd" and config["generator"]["noise_injection"] is True
+        assert config["private_optimizer"] == "efsgd" and config["generator"]["noise_injection"] is True
     images = np.load(tmp_path / "run" / "synthetic.npz")["images"]
     assert images.shape == (120, 1, 8, 8) and images.dtype == np.uint8
     state = torch.load(tmp_path / "run" / "generator.pt", weights_only=True)
@@ -248,5 +249,5 @@ def test_dp_gan_refuses_per_sample_modes_that_would_see_the_fake_rows():
     method = get_method("dp-gan")
     for mode in ("hooks", "ghost"):
         with pytest.raises(BadInput, match="vmap"):
-            method.plan_private(dataset_size=100, opts={**method.finetune_defaults, "grad_sample_mode": mode},
+            method.plan_private(dataset_size=100, opts=resolve_options(method, FinetuneOptions(grad_sample_mode=mode)),
                                 spent=[], eps=1.0, delta=1e-5)

@@ -21,7 +21,7 @@ from dpsynth.mechanisms.embedding_release import exact_sum, noisy_sum, weights
 from dpsynth.methods import PrivatePlan, get_method
 from dpsynth.privacy.accountant import compose_epsilon, default_delta
 from dpsynth.privacy.events import GaussianEvent, PoissonGaussianEvent
-from dpsynth.pipeline.finetune import resolve_options
+from dpsynth.training.options import FinetuneOptions, resolve_options
 
 DIM = 64  # 1 x 8 x 8 images
 
@@ -128,7 +128,7 @@ PLAN_CASES = [("dp-merf", 60000, {}, 1.0, 1e-5, True), ("dp-ntk", 60000, {}, 10.
 def test_planned_events_match_a_direct_prv_computation(method, n, given, eps, delta, with_spent):
     m = get_method(method)
     spent = [GaussianEvent(stage="pretrain", noise_multiplier=20.0)] if with_spent else []
-    plan = m.plan_private(dataset_size=n, opts=resolve_options(m, given), spent=spent, eps=eps, delta=delta)
+    plan = m.plan_private(dataset_size=n, opts=resolve_options(m, FinetuneOptions(**given)), spent=spent, eps=eps, delta=delta)
     (event,) = plan.events
     sigma = event.noise_multiplier
     prvs, steps = ([GaussianMechanism(20.0)], [1]) if with_spent else ([], [])
@@ -150,12 +150,12 @@ def test_bad_train_opts_are_refused_before_anything_runs():
     m = get_method("dp-merf")
     for bad in ("features=7", "bandwidth=0", "count_weight=1", "lr_decay=2"):
         with pytest.raises(BadInput):
-            m.plan_private(dataset_size=100, opts=resolve_options(m, {"train_opts": bad}), spent=[], eps=1, delta=1e-5)
+            m.plan_private(dataset_size=100, opts=resolve_options(m, FinetuneOptions(**{"train_opts": bad})), spent=[], eps=1, delta=1e-5)
     with pytest.raises(BadInput, match="not a setting"):
-        resolve_options(m, {"train_opts": "ntk_width=3"})
+        resolve_options(m, FinetuneOptions(**{"train_opts": "ntk_width=3"}))
     k = get_method("dp-kernel")
-    with pytest.raises(BadInput, match="batch-size"):
-        k.plan_private(dataset_size=100, opts=resolve_options(k, {"batch_size": 101}), spent=[], eps=1, delta=1e-5)
+    with pytest.raises(BadInput, match="batch_size=101"):
+        k.plan_private(dataset_size=100, opts=resolve_options(k, FinetuneOptions(**{"batch_size": 101})), spent=[], eps=1, delta=1e-5)
 
 
 def test_dp_ntk_embeds_every_sensitive_image(monkeypatch):
@@ -179,11 +179,11 @@ def test_dp_ntk_embeds_every_sensitive_image(monkeypatch):
     monkeypatch.setattr(NTKFeatures, "class_sums", counting_sums)
     monkeypatch.setattr(me_methods, "noisy_sum", recording_noisy_sum)
     m = get_method("dp-ntk")
-    opts = resolve_options(m, {"epochs": 1, "batch_size": 1150, "train_opts": "ntk_width=4,ntk_width2=4"})
+    opts = resolve_options(m, FinetuneOptions(**{"epochs": 1, "batch_size": 1150, "train_opts": "ntk_width=4,ntk_width2=4"}))
     plan = PrivatePlan(events=(), settings={"noise_multiplier": 1e-6, "dataset_size": n})
     generator = m.build_generator(8, 1, k)
     m.train_private(generator, images, labels, opts=opts, plan=plan, device=torch.device("cpu"),
-                    progress=lambda *a: None)
+                    progress=lambda *a: None, checkpoints=None)
     assert sum(rows) == n and len(releases) == 1
     true_counts = torch.bincount(labels, minlength=k).float()
     torch.testing.assert_close(releases[0].counts, true_counts, atol=1e-3, rtol=0)
@@ -202,12 +202,12 @@ def test_dp_kernel_releases_exactly_the_planned_number_of_poisson_batches(monkey
 
     monkeypatch.setattr(me_methods, "noisy_sum", recording)
     m = get_method("dp-kernel", {"width": 4, "hidden": 8})
-    opts = resolve_options(m, {"epochs": 1, "batch_size": 1, "train_opts": "features=8,generator_batch=4"})
+    opts = resolve_options(m, FinetuneOptions(**{"epochs": 1, "batch_size": 1, "train_opts": "features=8,generator_batch=4"}))
     event = PoissonGaussianEvent(stage="finetune", noise_multiplier=1.0, sample_rate=1 / n, steps=n)
     plan = PrivatePlan(events=(event,), settings={"noise_multiplier": 1.0, "sample_rate": 1 / n, "releases": n,
                                                    "dataset_size": n})
     m.train_private(m.build_generator(8, 1, k), images, labels, opts=opts, plan=plan, device=torch.device("cpu"),
-                    progress=lambda *a: None)
+                    progress=lambda *a: None, checkpoints=None)
     assert len(sizes) == plan.events[0].steps == 40
     assert 0 in sizes  # rate 1/40: empty batches happen, and they are released (noise only)
 

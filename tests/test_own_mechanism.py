@@ -16,6 +16,7 @@ from prv_accountant import GaussianMechanism, PRVAccountant
 from cli_helpers import snapshot
 from dpsynth.cli.main import main
 from dpsynth.methods import METHODS, PrivatePlan
+from dpsynth.methods.base import Trained
 from dpsynth.methods.cvae import DPCVAE
 from dpsynth.privacy.plans import gaussian_release_sigma
 from dpsynth.privacy.events import GaussianEvent
@@ -30,6 +31,7 @@ class NoisyMeanCVAE(DPCVAE):
 
     name = "test-noisy-mean"
     own_mechanism = True
+    iterative = False  # one release: no checkpoints
     finetune_defaults = {"epochs": 1, "train_opts": {"fail": 0}}
 
     def plan_private(self, *, dataset_size, opts, spent, eps, delta):
@@ -37,7 +39,7 @@ class NoisyMeanCVAE(DPCVAE):
         return PrivatePlan(events=(GaussianEvent(stage="finetune", noise_multiplier=sigma),),
                            settings={"noise_multiplier": sigma})
 
-    def train_private(self, generator, images, labels, *, opts, plan, device, progress):
+    def train_private(self, generator, images, labels, *, opts, plan, device, progress, checkpoints):
         run = Path(SEEN["run"])
         SEEN["events_on_disk"] = yaml.safe_load((run / "manifest.yaml").read_text())["privacy"]["events"]
         if opts["train_opts"]["fail"]:
@@ -46,7 +48,7 @@ class NoisyMeanCVAE(DPCVAE):
         total = x.sum(0) + torch.randn(x.shape[1:]) * plan.settings["noise_multiplier"] * math.sqrt(x[0].numel())
         with torch.no_grad():
             generator.decoder.up[-1].bias.fill_(float(total.mean() / len(x)))
-        return generator
+        return Trained(generator)
 
 
 @pytest.fixture

@@ -28,7 +28,9 @@ from ..errors import BadInput
 from ..privacy.accountant import compose_epsilon
 from ..privacy.plans import calibrate_private_optimizer
 from ..privacy.events import PoissonGaussianEvent
+from ..progress import no_progress
 from ..training.dpsgd import DPSGDPlan, train_dp
+from ..training.options import FinetuneOptions
 from .bound import best_guess, default_ks, one_run_p_value
 from .noise import NOISE_TEST_ALPHA, noise_scale_test
 
@@ -165,8 +167,9 @@ def run_audit(config: AuditConfig, progress=None) -> AuditResult:
     model = CanaryLinear(real_dim, m)
     applied = sigma * config.noise_scale if config.noise else 0.0  # != sigma only when faults are injected
     trained = train_dp(model, images, labels, _loss, plan=plan, noise_multiplier=applied,
-                       clip=config.clip, lr=config.lr, grad_sample_mode="hooks", optimizer="sgd",
-                       progress=progress)
+                       opts=FinetuneOptions(clip=config.clip, lr=config.lr, grad_sample_mode="hooks",
+                                            base_optimizer="sgd"),
+                       progress=progress or no_progress, phase="audit (DP-SGD)")
 
     logits = trained.canary_logits()
     own = logits[torch.arange(m), canary_labels]

@@ -42,7 +42,7 @@ def command(
     config = AuditConfig(claimed_epsilon=eps, delta=delta, canaries=canaries, epochs=epochs, batch_size=batch_size,
                          alpha=alpha, seed=seed, noise=not no_noise, noise_scale=noise_scale, noise_alpha=noise_alpha)
     with progress_bars(quiet or json_out) as progress:
-        result = run_audit(config, progress=lambda d, t, _l: progress("audit (DP-SGD)", d, t))
+        result = run_audit(config, progress=progress)
     record = result.to_dict()
     if out is not None:
         atomic_write_bytes(out, json.dumps(record, indent=1).encode())

@@ -14,6 +14,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from ..pipeline.rundir import DEFAULT_RUN
+from ..progress import no_progress
 
 out = Console()
 err = Console(stderr=True)
@@ -49,19 +50,21 @@ SensitiveTestOpt = typer.Option(None, "--sensitive-test", help="New runs: labell
 
 @contextlib.contextmanager
 def progress_bars(quiet: bool) -> Iterator:
-    """Yields a progress(phase, done, total) callback; silent when quiet or not a TTY."""
+    """Yields a callback with the library's one progress signature (`dpsynth.progress`);
+    silent when quiet or not a TTY."""
     if quiet or not err.is_terminal:
-        yield lambda phase, done, total: None
+        yield no_progress
         return
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                TimeRemainingColumn())
     with Progress(*columns, console=err, transient=False) as bars:
         tasks: dict[str, int] = {}
 
-        def update(phase: str, done: int, total: int) -> None:
+        def update(phase: str, done: int, total: int, loss: Optional[float] = None) -> None:
             if phase not in tasks:
                 tasks[phase] = bars.add_task(phase, total=total)
-            bars.update(tasks[phase], completed=done, total=total)
+            description = phase if loss is None else f"{phase} (loss {loss:.4g})"
+            bars.update(tasks[phase], completed=done, total=total, description=description)
 
         yield update
 

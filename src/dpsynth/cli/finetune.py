@@ -1,10 +1,11 @@
-"""`dpsynth finetune`: DP-SGD on the sensitive set within the run's total --eps."""
+"""`dpsynth finetune`: the method's private training on the sensitive set within the run's total --eps."""
 
 from typing import Optional
 
 import typer
 
 from ..pipeline.finetune import run_finetune
+from ..training.options import FinetuneOptions
 from .common import (PublicSizeOpt, ArchOpt, ChannelsOpt, DataRootOpt, DeltaOpt, DeviceOpt, HoldoutOpt, JsonOpt, LimitOpt, MethodOpt,
                      NoisyValEpsOpt, PublicOpt, QuietOpt, ResolutionOpt, RunOpt, SeedOpt, SensitiveOpt, emit,
                      new_run_settings, progress_bars, SensitiveTestOpt)
@@ -29,7 +30,7 @@ def command(
                                                       help="Examples per forward/backward; logical batches are "
                                                            "split (virtual steps)." + _DEFAULT),
     ema: Optional[float] = typer.Option(None, "--ema", help="EMA rate of the weights (e.g. 0.999)." + _DEFAULT),
-    optimizer: Optional[str] = typer.Option(None, "--optimizer", help="Private optimizer: dpsgd (opacus) or efsgd "
+    private_optimizer: Optional[str] = typer.Option(None, "--optimizer", help="Private optimizer: dpsgd (opacus) or efsgd "
                                             "(error feedback, EFSGD/DiceSGD)." + _DEFAULT),
     feedback_clip: Optional[float] = typer.Option(None, "--feedback-clip", help="EFSGD: clipping norm C2 of the "
                                                   "error-feedback term." + _DEFAULT),
@@ -39,7 +40,7 @@ def command(
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted or killed finetune from its last "
                                 "checkpoint, under the privacy event it already recorded (same --eps)."),
     checkpoint_every: Optional[int] = typer.Option(None, "--checkpoint-every", help="Write a checkpoint every N "
-                                                   "DP-SGD steps (Ctrl-C always writes one)."),
+                                                   "private steps (Ctrl-C always writes one; iterative methods)."),
     arch: Optional[str] = ArchOpt, device: str = DeviceOpt,
     run: str = RunOpt, sensitive: Optional[str] = SensitiveOpt, public: Optional[str] = PublicOpt,
     method: Optional[str] = MethodOpt, data_root: Optional[str] = DataRootOpt,
@@ -49,14 +50,16 @@ def command(
     sensitive_test: Optional[str] = SensitiveTestOpt,
     quiet: bool = QuietOpt, json_out: bool = JsonOpt,
 ) -> None:
-    """DP-SGD fine-tuning; noise is solved so ledger + these steps stay <= --eps."""
+    """Private fine-tuning (DP-SGD or the method's own mechanism); noise is solved so ledger + these steps
+    stay <= --eps."""
     settings = new_run_settings(sensitive, public, resolution, channels, limit, seed, data_root, holdout,
                                 noisy_val_eps, public_size, sensitive_test)
     with progress_bars(quiet or json_out) as progress:
-        result = run_finetune(run, settings, eps=eps, delta=delta, epochs=epochs, batch_size=batch_size, clip=clip,
-                              lr=lr, grad_sample_mode=grad_sample_mode, noise_multiplicity=noise_multiplicity,
-                              physical_batch_size=physical_batch_size, ema=ema, optimizer=optimizer,
-                              feedback_clip=feedback_clip, train_opts=train_opts, secure=secure, method=method,
-                              arch=arch, device=device, resume=resume, checkpoint_every=checkpoint_every,
-                              progress=progress)
+        options = FinetuneOptions(epochs=epochs, batch_size=batch_size, clip=clip, lr=lr,
+                                  grad_sample_mode=grad_sample_mode, noise_multiplicity=noise_multiplicity,
+                                  physical_batch_size=physical_batch_size, ema=ema,
+                                  private_optimizer=private_optimizer, feedback_clip=feedback_clip,
+                                  train_opts=train_opts, secure=secure)
+        result = run_finetune(run, settings, eps=eps, options=options, delta=delta, method=method, arch=arch,
+                              device=device, resume=resume, checkpoint_every=checkpoint_every, progress=progress)
     emit(result, json_out, f"finetune → {run}")

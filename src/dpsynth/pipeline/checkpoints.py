@@ -3,18 +3,23 @@
 A checkpoint is an artifact like any other: written atomically under a new name
 (`checkpoint-<step>.pt`), recorded with its sha256 in the manifest, and only then is the
 previous one deleted, so a crash at any point leaves one complete, verifiable checkpoint.
-Its payload names the run and the privacy event it belongs to; `--resume` refuses a
-checkpoint of another run or another event. Resuming never writes a new privacy event:
-the event recorded before the first step already covers every planned step.
-Checkpoints hold the secret RNG state, so they are deleted when the stage completes.
+Its payload names the run and the privacy events it belongs to (the finetune attempt's
+recorded events, whatever their mechanisms); `--resume` refuses a checkpoint of another run
+or other events. Resuming never writes a new privacy event: the events recorded before the
+first step already cover every planned step. Checkpoints hold secrets (the RNG state, and
+e.g. GS-WGAN's shard assignment and discriminators), so they are deleted when the stage
+completes.
 An attempt killed before its first checkpoint left nothing durable from its steps (they
 lived in memory only), so resuming it starts again from step 0 under the same event.
 """
 
 from __future__ import annotations
 
+from typing import Sequence
+
 from ..errors import BadInput, IntegrityError, Interrupted
-from ..privacy.events import PoissonGaussianEvent
+from ..privacy.events import PrivacyEvent, event_from_dict
+from ..training.checkpoint import Checkpointing
 from .rundir import RunDir
 from .names import CHECKPOINT_PREFIX
 from .common import torch_bytes, torch_load_bytes
@@ -27,25 +32,28 @@ def checkpoint_name(step: int) -> str:
     return f"{PREFIX}{step:07d}.pt"
 
 
-class Checkpointer:
-    """on_step callback for `train_dp`: saves every `every` steps, when a stop was requested,
-    and after the last step (so a crash while the generator is written resumes by exporting
-    that final state again, never by training a second model under the same event)."""
+class Checkpointer(Checkpointing):
+    """The stage's `Checkpointing` for every trainer: continues from `resume`, saves every
+    `every` steps, when a stop was requested, and after the last of `total` steps (so a crash
+    while the generator is written resumes by exporting that final state again, never by
+    training a second model under the same events)."""
 
-    def __init__(self, run: RunDir, stage: str, event: PoissonGaussianEvent, every: int | None, stop=None):
-        self.run, self.stage, self.event, self.every, self.stop = run, stage, event, every, stop
+    def __init__(self, run: RunDir, stage: str, events: Sequence[PrivacyEvent], total: int, every: int | None,
+                 stop=None, resume: dict | None = None):
+        super().__init__(resume=resume)
+        self.run, self.stage, self.events, self.total, self.every, self.stop = run, stage, events, total, every, stop
 
     def __call__(self, step: int, snapshot) -> None:
-        stopping = self.stop is not None and self.stop.requested and step < self.event.steps
-        if stopping or step == self.event.steps or (self.every and step % self.every == 0):
+        stopping = self.stop is not None and self.stop.requested and step < self.total
+        if stopping or step == self.total or (self.every and step % self.every == 0):
             self.save(step, snapshot())
         if stopping:
-            raise Interrupted(f"finetune stopped after step {step} of {self.event.steps}; checkpoint written. "
+            raise Interrupted(f"finetune stopped after step {step} of {self.total}; checkpoint written. "
                               f"Continue with: dpsynth finetune --run {self.run.path} --resume --eps <the same eps>",
-                              step, self.event.steps)
+                              step, self.total)
 
     def save(self, step: int, state: dict) -> None:
-        payload = {"run_id": self.run.manifest["run_id"], "event": _event_key(self.event), "state": state}
+        payload = {"run_id": self.run.manifest["run_id"], "events": events_key(self.events), "state": state}
         name = checkpoint_name(step)
         self.run.write_artifact(self.stage, name, torch_bytes(payload))  # file, then manifest
         entry = self.run.manifest["stages"][self.stage]
@@ -77,38 +85,38 @@ def discard_all(run: RunDir, stage: str) -> None:
         path.unlink(missing_ok=True)
 
 
-def resumable_event(run: RunDir, stage: str, config: dict) -> PoissonGaussianEvent:
-    """The ledger event the interrupted attempt recorded before its first step."""
+def resumable_events(run: RunDir, stage: str, config: dict) -> tuple[PrivacyEvent, ...]:
+    """The ledger events the interrupted attempt recorded before its first step: those after
+    the `events_before` it started on, which must be exactly the ones it planned."""
     entry = run.manifest["stages"].get(stage)
     if entry is None or entry.get("status") not in RESUMABLE:
         status = "absent" if entry is None else entry.get("status")
-        raise BadInput(f"--resume: there is no interrupted finetune in {run.path} (stage is {status}); "
-                       f"drop --resume")
-    recorded = [e for e in run.events() if e.stage == stage]
-    expected = PoissonGaussianEvent(stage=stage, noise_multiplier=config["noise_multiplier"],
-                                    sample_rate=config["sample_rate"], steps=config["steps"])
-    if not recorded or _event_key(recorded[-1]) != _event_key(expected):
-        raise BadInput(f"--resume: the interrupted finetune in {run.path} never recorded its privacy event, so no "
-                       f"DP-SGD step ran; drop --resume to start it again")
-    return recorded[-1]
+        raise BadInput(f"`resume`: there is no interrupted finetune in {run.path} (stage is {status}); "
+                       f"drop `resume`")
+    planned = [event_from_dict(e) for e in config.get("events", [])]
+    recorded = tuple(run.events()[int(config.get("events_before", 0)):])
+    if not planned or events_key(recorded) != events_key(planned) or any(e.stage != stage for e in recorded):
+        raise BadInput(f"`resume`: the interrupted finetune in {run.path} never recorded its privacy event, so no "
+                       f"private step ran; drop `resume` to start it again")
+    return recorded
 
 
-def load_checkpoint(run: RunDir, stage: str, event: PoissonGaussianEvent) -> dict | None:
+def load_checkpoint(run: RunDir, stage: str, events: Sequence[PrivacyEvent], total: int) -> dict | None:
     """The recorded checkpoint's training state (sha256-verified and checked to belong to
-    this run and event), or None if the attempt stopped before its first checkpoint."""
+    this run and these events), or None if the attempt stopped before its first checkpoint."""
     record = run.manifest["stages"][stage].get("checkpoint")
     if record is None:
         return None
     payload = torch_load_bytes(run.read_artifact(record["name"]))  # refuses a changed file by name
-    if payload.get("run_id") != run.manifest["run_id"] or payload.get("event") != _event_key(event):
+    if payload.get("run_id") != run.manifest["run_id"] or payload.get("events") != events_key(events):
         raise IntegrityError(f"checkpoint {run.artifact_path(record['name'])} belongs to another run or privacy "
                              f"event (run {payload.get('run_id')!r}); refusing to resume from it")
-    if payload["state"]["step"] != record["step"] or not (0 < record["step"] <= event.steps):
+    if payload["state"]["step"] != record["step"] or not (0 < record["step"] <= total):
         raise IntegrityError(f"checkpoint {record['name']} is at step {payload['state']['step']}, "
-                             f"the manifest says {record['step']} of {event.steps}")
+                             f"the manifest says {record['step']} of {total}")
     return payload["state"]
 
 
-def _event_key(event: PoissonGaussianEvent) -> dict:
-    return {"noise_multiplier": float(event.noise_multiplier), "sample_rate": float(event.sample_rate),
-            "steps": int(event.steps)}
+def events_key(events: Sequence[PrivacyEvent]) -> list[dict]:
+    """What identifies the events (their accounting fields; notes and times excluded)."""
+    return [{k: v for k, v in e.to_dict().items() if k != "note"} for e in events]

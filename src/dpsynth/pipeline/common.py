@@ -7,7 +7,6 @@ import io
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -23,12 +22,7 @@ from ..mechanisms.noisy_val import reservation_event
 from .holdout import check_holdout, holdout_record, split_off
 from .sensitive_test import load_sensitive_test
 
-# progress(phase, done, total); the CLI draws rich bars from it, the library never prints.
-Progress = Callable[[str, int, int], None]
-
-
-def no_progress(phase: str, done: int, total: int) -> None:
-    return None
+from ..progress import Progress, no_progress  # noqa: F401  (the one progress signature; re-exported)
 
 
 @dataclass(frozen=True)

@@ -82,8 +82,7 @@ def run_pretrain(run_path: str | Path, settings: DataSettings | None = None, *, 
               "public_images": int(len(images)), "device": str(torch_device), "generator": generator.cfg.to_dict()}
     with stage_run(run, STAGE, config, inputs=[SELECTION] if selection is not None else []):
         train_nonprivate(generator.to(torch_device), images, labels, method_obj.per_sample_loss, epochs=epochs,
-                         batch_size=batch_size, lr=lr, seed=data.seed,
-                         progress=lambda d, t, _l: progress("pretrain (public)", d, t))
+                         batch_size=batch_size, lr=lr, seed=data.seed, progress=progress, phase="pretrain (public)")
         _save_generator(run, generator)
     return {"public_images": int(len(images)), "epochs": epochs,
             "epsilon_spent": compose_epsilon(run.events(), run.delta).upper if run.events() else 0.0}
@@ -118,7 +117,7 @@ def _central_warmup(run, sensitive, method_obj, generator, *, epochs, batch_size
         run.write_artifact(STAGE, CENTRAL, write_npz)
         train_nonprivate(generator.to(device), central, labels, method_obj.per_sample_loss, epochs=epochs,
                          batch_size=batch_size, lr=lr, seed=0, augment=_rand_augment() if augment else None,
-                         progress=lambda d, t, _l: progress("warm-up (central images)", d, t))
+                         progress=progress, phase="warm-up (central images)")
         _save_generator(run, generator)
     return {"central_images": int(len(central)), **plan.settings,
             "epsilon_spent": compose_epsilon(run.events(), run.delta).upper, "epochs": epochs}

@@ -15,6 +15,7 @@ from ..privacy.accountant import compose_epsilon, epsilon_upper
 from ..privacy.plans import gaussian_release_sigma
 from ..privacy.events import GaussianEvent
 from ..mechanisms.semantic_query import add_gaussian_noise, select_public_classes, semantic_histogram
+from .lifecycle import stage_run
 from .names import SELECT_PUBLIC as STAGE, SELECTION
 from ..validation import check_positive
 from .common import (DataSettings, Progress, load_public, public_record, no_progress,

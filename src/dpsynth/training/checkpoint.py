@@ -1,11 +1,17 @@
-"""What it takes to continue DP-SGD exactly where it stopped, and a Ctrl-C that waits
-for the step to finish.
+"""What it takes to continue private training exactly where it stopped, the one checkpoint
+interface of every trainer, and a Ctrl-C that waits for the step to finish.
 
-A training state holds the step count, the model and optimizer state, the EMA and the
-global RNG state (which drives Poisson sampling, opacus' noise and the model's own
-randomness). Restoring all of it makes a resumed run take the same steps an
-uninterrupted one would have taken. The RNG state is as secret as the noise it generates:
-checkpoints live only until the stage completes (see `stages/finetune_checkpoints.py`).
+A training state holds the step count, the model and optimizer state, the EMA, the global
+RNG state (which drives Poisson sampling, the noise and the model's own randomness) and a
+trainer's own hidden state under "extra" (DP-GAN's discriminator, GS-WGAN's shard
+assignment and discriminators, dp-kernel's random features). Restoring all of it makes a
+resumed run take the same steps an uninterrupted one would have taken. The RNG state (and
+GS-WGAN's shards) are as secret as the noise: checkpoints live only until the stage
+completes (see `pipeline/checkpoints.py`).
+
+Every trainer takes one `Checkpointing` object: `checkpoints.resume` is the state to
+continue from (None: step 0), and `checkpoints(step, snapshot)` is called at every private
+step boundary, `snapshot()` capturing that state.
 """
 
 from __future__ import annotations
@@ -13,23 +19,40 @@ from __future__ import annotations
 import contextlib
 import signal
 import threading
-from typing import Iterator
+from dataclasses import dataclass
+from typing import Callable, Iterator, Optional
 
 import torch
 from torch import nn
 
 
-def capture_state(step: int, model: nn.Module, optimizer: torch.optim.Optimizer, ema=None) -> dict:
-    """A deep copy (on CPU) of everything needed to continue after `step` steps."""
-    def cpu(tree):
-        if isinstance(tree, torch.Tensor):
-            return tree.detach().cpu().clone()
-        if isinstance(tree, dict):
-            return {k: cpu(v) for k, v in tree.items()}
-        if isinstance(tree, (list, tuple)):
-            return type(tree)(cpu(v) for v in tree)
-        return tree
+@dataclass
+class Checkpointing:
+    """The checkpoint interface of every private trainer (module docstring)."""
 
+    resume: Optional[dict] = None
+    on_step: Optional[Callable[[int, Callable[[], dict]], None]] = None
+
+    def __call__(self, step: int, snapshot: Callable[[], dict]) -> None:
+        if self.on_step is not None:
+            self.on_step(step, snapshot)
+
+
+def cpu_copy(tree):
+    """A detached CPU copy of a tree of tensors (dicts, lists, tuples)."""
+    if isinstance(tree, torch.Tensor):
+        return tree.detach().cpu().clone()
+    if isinstance(tree, dict):
+        return {k: cpu_copy(v) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(cpu_copy(v) for v in tree)
+    return tree
+
+
+def capture_state(step: int, model: nn.Module, optimizer: torch.optim.Optimizer, ema=None, **extra) -> dict:
+    """A deep copy (on CPU) of everything needed to continue after `step` steps; `extra`
+    holds a trainer's own state (modules and optimizers by their state_dict)."""
+    cpu = cpu_copy
     return {
         "step": int(step),
         "model": cpu(model.state_dict()),
@@ -37,6 +60,7 @@ def capture_state(step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
         "ema": None if ema is None else {"shadow": cpu(ema.shadow), "updates": ema.updates},
         "rng": {"cpu": torch.get_rng_state(),
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+        "extra": {k: cpu(v.state_dict() if hasattr(v, "state_dict") else v) for k, v in extra.items()},
     }
 
 

@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import itertools
-import math
 import warnings
-from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -24,20 +22,21 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from ..errors import BadInput
-from .checkpoint import capture_state, restore_model_and_optimizer, restore_rng
+from ..progress import Progress, no_progress
+from .checkpoint import Checkpointing, capture_state, restore_model_and_optimizer, restore_rng
 from .dp_guards import check_poisson_sampler
 from ..privacy.plans import DPSGDPlan, check_private_optimizer
+from .options import FinetuneOptions, check_combination, check_values
 from .private_optimizer import make_private_optimizer
 
-GRAD_SAMPLE_MODES = ("ghost", "vmap", "hooks", "functorch")
-Progress = Callable[[int, int, float], None]
+NO_CHECKPOINTS = Checkpointing()
 
 
 def check_secure_available(secure: bool) -> None:
     """opacus' secure_mode needs torchcsprng; say so before any privacy event is written."""
     if secure and importlib.util.find_spec("torchcsprng") is None:
-        raise BadInput("--secure needs the torchcsprng package (opacus secure_mode), which is not installed; "
-                       "install it or drop --secure")
+        raise BadInput("`secure` needs the torchcsprng package (opacus secure_mode), which is not installed; "
+                       "install it or drop `secure`")
 
 
 def check_dp_compatible(model: nn.Module) -> None:
@@ -54,7 +53,7 @@ class ExponentialMovingAverage:
 
     def __init__(self, model: nn.Module, rate: float):
         if not (0.0 < rate < 1.0):
-            raise BadInput(f"--ema {rate!r} must be between 0 and 1 (e.g. 0.999)")
+            raise BadInput(f"ema={rate!r} must be between 0 and 1 (e.g. 0.999)")
         self.rate, self.updates = rate, 0
         self.shadow = {k: v.detach().clone() for k, v in model.state_dict().items()}
 
@@ -139,14 +138,14 @@ class PerExampleGradients:
 
 def train_dp(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
              per_sample_loss: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor], *,
-             plan: DPSGDPlan, noise_multiplier: float, clip: float, lr: float,
-             grad_sample_mode: str = "ghost", secure: bool = False, optimizer: str = "adam",
-             noise_multiplicity: int = 1, physical_batch_size: int | None = None,
-             private_optimizer: str = "dpsgd", feedback_clip: float | None = None,
-             ema: ExponentialMovingAverage | None = None, progress: Progress | None = None,
-             resume: dict | None = None, on_step: Callable[[int, Callable[[], dict]], None] | None = None) -> nn.Module:
+             plan: DPSGDPlan, noise_multiplier: float, opts: FinetuneOptions,
+             ema: ExponentialMovingAverage | None = None, progress: Progress = no_progress,
+             phase: str = "finetune (DP-SGD)", checkpoints: Checkpointing = NO_CHECKPOINTS) -> nn.Module:
     """Train `model` in place with DP-SGD; returns the underlying (unwrapped) module.
 
+    `opts` (resolved): clip, lr, grad_sample_mode, noise_multiplicity, physical_batch_size,
+    private_optimizer, feedback_clip, secure, base_optimizer. The EMA tracker (when
+    opts.ema) is the caller's, so that it can export it.
     noise_multiplicity K (DPDM): each example's loss is averaged over K independent draws
     of the model's internal randomness (diffusion noise level and noise) BEFORE its
     gradient is clipped, so one example still contributes one clipped gradient.
@@ -154,30 +153,24 @@ def train_dp(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
     gradients are summed before the single noisy step (opacus' virtual steps), so large
     logical batches fit in memory; the mechanism is unchanged.
     private_optimizer: "dpsgd" (opacus' DPOptimizer) or "efsgd" (error feedback; see
-    `training.efsgd`), both accounted by the caller's event with `noise_multiplier`.
-    resume: a state from `training.checkpoint.capture_state`; training continues after its
-    step with its weights, optimizer, EMA and RNG. on_step(step, snapshot) is called at
-    every logical step boundary; snapshot() captures that state (for checkpoints).
+    `training.efsgd`), both accounted by the caller's events with `noise_multiplier`.
+    checkpoints.resume: a state from `training.checkpoint.capture_state`; training continues
+    after its step with its weights, optimizer, EMA and RNG. checkpoints(step, snapshot) is
+    called at every logical step boundary.
     """
-    if grad_sample_mode not in GRAD_SAMPLE_MODES:
-        raise BadInput(f"--grad-sample-mode {grad_sample_mode!r} is unknown; choose one of {', '.join(GRAD_SAMPLE_MODES)}")
-    if not (clip > 0 and math.isfinite(clip)):
-        raise BadInput(f"--clip {clip!r} must be a finite number > 0")
-    if not (isinstance(noise_multiplicity, int) and noise_multiplicity >= 1):
-        raise BadInput(f"--noise-multiplicity {noise_multiplicity!r} must be an integer >= 1")
-    if noise_multiplicity > 1 and grad_sample_mode == "ghost":
-        raise BadInput("--grad-sample-mode ghost clips each row, so it cannot average K > 1 noise draws per example; "
-                       "use vmap, hooks or functorch with --noise-multiplicity")
-    if physical_batch_size is not None and physical_batch_size < 1:
-        raise BadInput(f"--physical-batch-size {physical_batch_size!r} must be >= 1")
+    check_values(opts)
+    check_combination(opts)
+    mode, clip, k = opts.grad_sample_mode or "ghost", opts.clip, opts.noise_multiplicity or 1
+    if clip is None:
+        raise BadInput("clip is required for DP-SGD")
     # plan.dataset_size is the DECLARED N (the true size unless --public-size replaced it): it alone
     # sets q, the steps and the gradient denominator, so the true size is not otherwise released.
     optimizers = {"adam": torch.optim.Adam, "sgd": torch.optim.SGD}
-    if optimizer not in optimizers:
-        raise BadInput(f"optimizer {optimizer!r} is unknown; choose one of {', '.join(optimizers)}")
-    check_private_optimizer(private_optimizer, grad_sample_mode, feedback_clip)
+    private_optimizer = opts.private_optimizer or "dpsgd"
+    check_private_optimizer(private_optimizer, mode, opts.feedback_clip)
     check_dp_compatible(model)
-    check_secure_available(secure)
+    check_secure_available(opts.secure)
+    secure, resume, physical_batch_size = opts.secure, checkpoints.resume, opts.physical_batch_size
     # No seeded generator on purpose: which images a Poisson batch holds must stay secret,
     # so sampling (and opacus' noise) use the global RNG that the caller seeds from OS entropy.
     engine = PrivacyEngine(secure_mode=secure)
@@ -188,10 +181,9 @@ def train_dp(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
     if len(loader) != plan.steps_per_epoch or loader.sample_rate != plan.sample_rate:
         raise RuntimeError("DP data loader length differs from the accounted plan")
     check_poisson_sampler(loader, plan.sample_rate)
-    base_optimizer = optimizers[optimizer](model.parameters(), lr=lr)
+    base_optimizer = optimizers[opts.base_optimizer](model.parameters(), lr=opts.lr)
     start = restore_model_and_optimizer(resume, model, base_optimizer, ema) if resume else 0
-    k = noise_multiplicity
-    if grad_sample_mode == "ghost":
+    if mode == "ghost":
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             dp_model, dp_optimizer, _criterion, loader = engine.make_private(
@@ -201,16 +193,16 @@ def train_dp(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
         # opacus derives the denominator from len(dataset); the accounted one is the declared N * q.
         dp_optimizer.expected_batch_size = plan.dataset_size * plan.sample_rate
     else:
-        per_example = PerExampleGradients(model, per_sample_loss, grad_sample_mode, k)
+        per_example = PerExampleGradients(model, per_sample_loss, mode, k)
         dp_model = per_example.module
         dp_optimizer = make_private_optimizer(private_optimizer, base_optimizer, noise_multiplier=noise_multiplier,
                                               clip=clip, expected_batch_size=plan.dataset_size * plan.sample_rate,
-                                              secure=secure, feedback_clip=feedback_clip)
+                                              secure=secure, feedback_clip=opts.feedback_clip)
     trainable = [p for p in model.parameters() if p.requires_grad]
 
     def accumulate(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Leave this chunk's per-example gradient material on the parameters."""
-        if grad_sample_mode != "ghost":
+        if mode != "ghost":
             return per_example.compute(x, y)
         losses = per_sample_loss(dp_model, x, y)
         _check_loss_shape(losses, len(x))
@@ -239,7 +231,7 @@ def train_dp(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
                 # ledger accounts for releases noise at every step.
                 dp_optimizer.zero_grad(set_to_none=True)
                 for p in trainable:
-                    if grad_sample_mode == "ghost":  # its optimizer sums p.grad, not grad_sample
+                    if mode == "ghost":  # its optimizer sums p.grad, not grad_sample
                         p.grad = torch.zeros_like(p)
                     else:
                         p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
@@ -255,10 +247,8 @@ def train_dp(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
             step += 1
             if ema is not None:
                 ema.update(model)
-            if progress:
-                progress(step, plan.steps, loss_sum / max(len(x), 1))
-            if on_step:
-                on_step(step, lambda: capture_state(step, model, base_optimizer, ema))
+            progress(phase, step, plan.steps, loss_sum / max(len(x), 1))
+            checkpoints(step, lambda: capture_state(step, model, base_optimizer, ema))
     if step != plan.steps:
         raise RuntimeError(f"ran {step} DP-SGD steps but the ledger recorded {plan.steps}")
     return dp_model._module if hasattr(dp_model, "_module") else model
@@ -273,7 +263,7 @@ def train_nonprivate(model: nn.Module, images: torch.Tensor, labels: torch.Tenso
                      per_sample_loss: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor], *,
                      epochs: int, batch_size: int, lr: float, seed: int = 0,
                      augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                     progress: Progress | None = None) -> nn.Module:
+                     progress: Progress = no_progress, phase: str = "train (non-private)") -> nn.Module:
     """Plain Adam on public data or on already-released DP outputs (no privacy cost)."""
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
@@ -292,6 +282,5 @@ def train_nonprivate(model: nn.Module, images: torch.Tensor, labels: torch.Tenso
             loss.backward()
             optimizer.step()
             step += 1
-            if progress:
-                progress(step, total, float(loss.detach()))
+            progress(phase, step, total, float(loss.detach()))
     return model

@@ -42,8 +42,12 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from ...errors import BadInput
+from ...progress import Progress, no_progress
+from ...training.checkpoint import Checkpointing, capture_state, restore_model_and_optimizer, restore_rng
 from ...training.dp_guards import check_poisson_sampler
-from ...training.dpsgd import DPSGDPlan, ExponentialMovingAverage, PerExampleGradients, check_dp_compatible
+from ...training.dpsgd import (NO_CHECKPOINTS, DPSGDPlan, ExponentialMovingAverage, PerExampleGradients,
+                               check_dp_compatible)
+from ...training.options import FinetuneOptions
 from ...training.private_optimizer import make_private_optimizer
 from .models import ConditionalDiscriminator, ConditionalGenerator, to_unit
 
@@ -59,7 +63,7 @@ class DPGANSchedule:
 
     def __post_init__(self) -> None:
         if not (isinstance(self.n_critic, int) and self.n_critic >= 1):
-            raise BadInput(f"--train-opts n_critic={self.n_critic!r} must be an integer >= 1")
+            raise BadInput(f"`train_opts` n_critic={self.n_critic!r} must be an integer >= 1")
 
     @property
     def dpsgd(self) -> DPSGDPlan:
@@ -117,15 +121,20 @@ def clipped_sum_of_grad_samples(params: list[nn.Parameter], clip: float) -> list
 
 
 def train_dp_gan(generator: ConditionalGenerator, images: torch.Tensor, labels: torch.Tensor, *,
-                 schedule: DPGANSchedule, noise_multiplier: float, clip: float, lr: float, g_lr: float,
-                 beta1: float, recon_weight: float, grad_sample_mode: str = "vmap",
-                 private_optimizer: str = "dpsgd", feedback_clip: float | None = None,
-                 ema: float | None = None, device: torch.device | None = None,
-                 progress=None) -> tuple[ConditionalGenerator, dict]:
+                 schedule: DPGANSchedule, noise_multiplier: float, opts: FinetuneOptions,
+                 device: torch.device | None = None, progress: Progress = no_progress,
+                 phase: str = "finetune (DP-GAN, DP discriminator)",
+                 checkpoints: Checkpointing = NO_CHECKPOINTS) -> tuple[ConditionalGenerator, dict]:
     """Run exactly `schedule.discriminator_steps` noisy discriminator steps; returns the
-    generator (EMA weights when `ema`) and counters {"discriminator_steps", "generator_steps"}."""
-    if grad_sample_mode != "vmap":  # opacus' hooks on the discriminator would also fire on the fake rows
-        raise BadInput(f"--grad-sample-mode {grad_sample_mode!r}: DP-GAN computes per-example gradients with vmap")
+    generator (EMA weights when opts.ema) and counters {"discriminator_steps", "generator_steps"}.
+    opts: clip, lr (discriminator), ema, grad_sample_mode (vmap), private_optimizer,
+    feedback_clip, train_opts g_lr, beta1, recon_weight. checkpoints (training.checkpoint):
+    a resumed run restores generator, discriminator, both optimizers (EFSGD's error state is
+    the discriminator optimizer's), the EMA and the RNG, and continues after that step."""
+    t = opts.train_opts or {}
+    clip, g_lr, beta1, recon_weight = opts.clip, t["g_lr"], t["beta1"], t["recon_weight"]
+    if (opts.grad_sample_mode or "vmap") != "vmap":  # opacus' hooks would also fire on the fake rows
+        raise BadInput(f"grad_sample_mode={opts.grad_sample_mode}: DP-GAN computes per-example gradients with vmap")
     # schedule.dataset_size is the declared N: it alone sets q, the steps and the denominator.
     device = device or torch.device("cpu")
     cfg = generator.cfg
@@ -136,14 +145,21 @@ def train_dp_gan(generator: ConditionalGenerator, images: torch.Tensor, labels: 
     generator.to(device).train()
     d_params = [p for p in disc.parameters() if p.requires_grad]
     g_params = [p for p in generator.parameters() if p.requires_grad]
-    real_grads = PerExampleGradients(disc, real_loss(recon_weight), grad_sample_mode)
+    real_grads = PerExampleGradients(disc, real_loss(recon_weight), "vmap")
     fake_grads = PerExampleGradients(disc, fake_loss, "vmap")  # non-private rows: vmap never mixes them
-    base = torch.optim.Adam(disc.parameters(), lr=lr, betas=(beta1, 0.999))
-    expected_batch = schedule.dataset_size * schedule.sample_rate
-    dp_optimizer = make_private_optimizer(private_optimizer, base, noise_multiplier=noise_multiplier, clip=clip,
-                                          expected_batch_size=expected_batch, feedback_clip=feedback_clip)
+    base = torch.optim.Adam(disc.parameters(), lr=opts.lr, betas=(beta1, 0.999))
     g_optimizer = torch.optim.Adam(generator.parameters(), lr=g_lr, betas=(beta1, 0.999))
-    tracker = ExponentialMovingAverage(generator, ema) if ema else None
+    tracker = ExponentialMovingAverage(generator, opts.ema) if opts.ema else None
+    resume = checkpoints.resume
+    start = 0
+    if resume:  # before the private optimizer wraps `base`, as train_dp does
+        start = restore_model_and_optimizer(resume, generator, g_optimizer, tracker)
+        disc.load_state_dict(resume["extra"]["discriminator"])
+        base.load_state_dict(resume["extra"]["discriminator_optimizer"])
+    expected_batch = schedule.dataset_size * schedule.sample_rate
+    dp_optimizer = make_private_optimizer(opts.private_optimizer or "dpsgd", base, noise_multiplier=noise_multiplier,
+                                          clip=clip, expected_batch_size=expected_batch,
+                                          feedback_clip=opts.feedback_clip)
     # Poisson batches from the global RNG (reseeded from OS entropy by the stage): secret.
     loader = DPDataLoader(TensorDataset(images, labels), sample_rate=schedule.sample_rate)
     per_epoch = schedule.dpsgd.steps_per_epoch
@@ -154,9 +170,16 @@ def train_dp_gan(generator: ConditionalGenerator, images: torch.Tensor, labels: 
     released: list[int] = []  # one entry per noisy release (set by the step hook)
     fake_batch = max(1, round(expected_batch))  # public: the expected, not the actual, batch size
     num_classes = cfg.num_classes
-    d_steps = g_steps = 0
-    for _epoch in range(schedule.epochs):
-        for x, y in itertools.islice(iter(loader), per_epoch):
+    d_steps, g_steps = start, start // schedule.n_critic
+    # Mid-epoch, the checkpointed RNG already follows the iterator's creation (see train_dp).
+    first = iter(loader) if resume and start % per_epoch else None
+    if resume:
+        restore_rng(resume)  # last: the next draw is the first resumed step's
+    for epoch in range(start // per_epoch, schedule.epochs):
+        resumed_epoch = epoch == start // per_epoch
+        todo = per_epoch - start % per_epoch if resumed_epoch else per_epoch
+        batches = first if first is not None and resumed_epoch else iter(loader)
+        for x, y in itertools.islice(batches, todo):
             x, y = x.to(device), y.to(device)
             # -- fake term: no sensitive data; per-row clipped, summed, no noise --------------
             with torch.no_grad():
@@ -188,8 +211,9 @@ def train_dp_gan(generator: ConditionalGenerator, images: torch.Tensor, labels: 
                 g_steps += 1
                 if tracker is not None:
                     tracker.update(generator)
-            if progress:
-                progress(d_steps, schedule.discriminator_steps)
+            progress(phase, d_steps, schedule.discriminator_steps)
+            checkpoints(d_steps, lambda: capture_state(d_steps, generator, g_optimizer, tracker, discriminator=disc,
+                                                       discriminator_optimizer=base))
     if d_steps != schedule.discriminator_steps or g_steps != schedule.generator_steps:
         raise RuntimeError(f"ran {d_steps} discriminator steps (ledger: {schedule.discriminator_steps}) and "
                            f"{g_steps} generator steps (planned: {schedule.generator_steps})")

@@ -43,6 +43,11 @@ sigma and applies sigma_applied = sigma * 2 sqrt(B). Only the K ~ T/N_d steps th
 shard count, but they count in full (mu ~ sqrt(T/N_d)/sigma): epsilon depends on T and N_d
 only through Bin(T, 1/N_d).
 
+Checkpoints (`finetune --checkpoint-every`, Ctrl-C, `--resume`) hold the generator, its
+optimizer and EMA, the RNG state, the shard assignment and every discriminator with its
+optimizer: secrets, kept only in the stage's checkpoints, which are deleted when the stage
+completes. A run resumed from one skips the warm-up and continues after its step.
+
 GS-WGAN's own analysis (code: evaluation/privacy_analysis.py) composes B * iterations
 separately subsampled per-sample Gaussians: the B rows of one step share one discriminator
 (an under-count), and the subsampling amplification is unproven for persistent shards
@@ -59,13 +64,15 @@ import torch
 from torch import nn
 
 from ...errors import BadInput
+from ...progress import Progress, no_progress
+from ...training.checkpoint import Checkpointing, capture_state, restore_model_and_optimizer, restore_rng
 from .models import ConditionalDiscriminator, ConditionalGenerator, to_unit
 
 
 def assign_shards(n: int, shards: int, generator: torch.Generator | None = None) -> list[torch.Tensor]:
     """Indices of each shard: every image in exactly one, drawn iid uniformly (secret RNG)."""
     if not (isinstance(shards, int) and 1 <= shards <= n):
-        raise BadInput(f"--train-opts discriminators={shards!r} must be an integer between 1 and the dataset size {n}")
+        raise BadInput(f"`train_opts` discriminators={shards!r} must be an integer between 1 and the dataset size {n}")
     if generator is None:
         generator = torch.Generator().manual_seed(secrets.randbits(63))
     owner = torch.randint(0, shards, (n,), generator=generator)
@@ -106,6 +113,13 @@ class Critic:
         self.shard = shard
         self.optimizer = torch.optim.Adam(self.net.parameters(), lr=lr, betas=betas)
 
+    @classmethod
+    def restored(cls, cfg, shard: torch.Tensor, state: dict, lr: float, betas, device) -> "Critic":
+        critic = cls(cfg, shard, lr, betas, device)
+        critic.net.load_state_dict(state["net"])
+        critic.optimizer.load_state_dict(state["optimizer"])
+        return critic
+
     def update(self, images, labels, generator: ConditionalGenerator, batch: int, gp_weight: float,
                eps_weight: float, device) -> None:
         idx = self.shard[torch.randint(0, len(self.shard), (batch,))]
@@ -123,31 +137,50 @@ class Critic:
 def train_gs_wgan(generator: ConditionalGenerator, images: torch.Tensor, labels: torch.Tensor, *,
                   discriminators: int, iterations: int, batch_size: int, clip: float, noise_multiplier_applied: float,
                   lr: float, betas: tuple[float, float], critic_iters: int, warmup_iters: int, gp_weight: float,
-                  eps_weight: float, ema: float | None = None, device=None, progress=None,
-                  shard_generator: torch.Generator | None = None) -> tuple[ConditionalGenerator, dict]:
+                  eps_weight: float, ema: float | None = None, device=None, progress: Progress = no_progress,
+                  shard_generator: torch.Generator | None = None,
+                  checkpoints: Checkpointing | None = None) -> tuple[ConditionalGenerator, dict]:
     """Exactly `iterations` sanitized generator steps; returns (generator, counters)."""
-    from ...training.dpsgd import ExponentialMovingAverage
+    from ...training.dpsgd import NO_CHECKPOINTS, ExponentialMovingAverage
 
+    checkpoints = checkpoints or NO_CHECKPOINTS
+    resume = checkpoints.resume
     device = device or torch.device("cpu")
     generator.to(device).train()
     cfg = generator.cfg
-    shards = assign_shards(len(images), discriminators, shard_generator)
-    critics = []
-    for k, shard in enumerate(shards):
-        if len(shard) == 0:  # an empty shard has no discriminator to train; it still gets chosen
-            critics.append(None)
-            continue
-        critic = Critic(cfg, shard, lr, betas, device)
-        warm_up(critic, images, labels, copy.deepcopy(generator), warmup_iters, critic_iters, batch_size,
-                gp_weight, eps_weight, lr, betas, device)
-        critics.append(critic)
-        if progress:
+    if resume:  # the interrupted attempt's shards and discriminators: no second warm-up
+        shards = [s.to(torch.long) for s in resume["extra"]["shards"]]
+        critics = [None if state is None else Critic.restored(cfg, shard, state, lr, betas, device)
+                   for shard, state in zip(shards, resume["extra"]["critics"])]
+    else:
+        shards = assign_shards(len(images), discriminators, shard_generator)
+        critics = []
+        for k, shard in enumerate(shards):
+            if len(shard) == 0:  # an empty shard has no discriminator to train; it still gets chosen
+                critics.append(None)
+                continue
+            critic = Critic(cfg, shard, lr, betas, device)
+            warm_up(critic, images, labels, copy.deepcopy(generator), warmup_iters, critic_iters, batch_size,
+                    gp_weight, eps_weight, lr, betas, device)
+            critics.append(critic)
             progress("GS-WGAN warm-up (hidden discriminators)", k + 1, discriminators)
+    if len(shards) != discriminators:
+        raise RuntimeError(f"{len(shards)} shards, planned {discriminators}")
     tracker = ExponentialMovingAverage(generator, ema) if ema else None
     g_optimizer = torch.optim.Adam(generator.parameters(), lr=lr, betas=betas)
     blank = ConditionalDiscriminator(cfg).to(device)  # stands for an empty shard: depends on no data
     steps = 0
-    for _ in range(iterations):
+    if resume:
+        steps = restore_model_and_optimizer(resume, generator, g_optimizer, tracker)
+        blank.load_state_dict(resume["extra"]["blank"])
+        restore_rng(resume)  # last: the next draw is the first resumed step's
+
+    def snapshot() -> dict:
+        hidden = [None if c is None else {"net": c.net.state_dict(), "optimizer": c.optimizer.state_dict()}
+                  for c in critics]
+        return capture_state(steps, generator, g_optimizer, tracker, shards=shards, critics=hidden, blank=blank)
+
+    for _ in range(steps, iterations):
         k = int(torch.randint(0, discriminators, (1,)))
         critic = critics[k]
         if critic is not None:
@@ -158,8 +191,8 @@ def train_gs_wgan(generator: ConditionalGenerator, images: torch.Tensor, labels:
         steps += 1
         if tracker is not None:
             tracker.update(generator)
-        if progress:
-            progress("finetune (GS-WGAN, sanitized)", steps, iterations)
+        progress("finetune (GS-WGAN, sanitized)", steps, iterations)
+        checkpoints(steps, snapshot)
     if steps != iterations:
         raise RuntimeError(f"ran {steps} sanitized generator steps but the ledger recorded {iterations}")
     if tracker is not None:

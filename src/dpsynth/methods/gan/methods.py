@@ -1,8 +1,10 @@
 """Method classes of the GAN family (registered in `dpsynth.methods`).
 
 All three own their mechanism (`own_mechanism = True`): `plan_private` calibrates the
-ledger event before anything is written, `train_private` runs exactly it. Only the
-generator leaves `train_private`; discriminators die in memory.
+ledger event before anything is written, `train_private` runs exactly it, checkpointing
+through the stage's `Checkpointing` (so `finetune --resume` works for all three). Only the
+generator leaves `train_private`; discriminators live in memory and in the stage's
+checkpoints, which are deleted when the stage completes.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from dataclasses import replace
 from typing import Any
 
 from ...errors import BadInput
-from ..base import Method, PrivatePlan
+from ..base import Method, PrivatePlan, Trained
 from ..registry import register_method
 from ...privacy.events import ShardGaussianEvent
 from ...privacy.plans import (applied_noise_std, calibrate_private_optimizer, calibrate_shard_gaussian,
@@ -27,7 +29,7 @@ def _positive(name: str, value: Any, integer: bool = False, zero_ok: bool = Fals
     ok = isinstance(value, int) if integer else isinstance(value, (int, float))
     if not ok or isinstance(value, bool) or (value < 0 if zero_ok else value <= 0):
         kind = "an integer" if integer else "a number"
-        raise BadInput(f"--train-opts {name}={value!r} must be {kind} {'>= 0' if zero_ok else '> 0'}")
+        raise BadInput(f"`train_opts` {name}={value!r} must be {kind} {'>= 0' if zero_ok else '> 0'}")
 
 
 class GANMethod(Method):
@@ -37,6 +39,9 @@ class GANMethod(Method):
 
     def per_sample_loss(self, *_args):  # never DP-SGD on a generator loss
         raise NotImplementedError(f"{self.name} trains with its own mechanism")
+
+    def check_generator(self, generator, **_shape_and_opts) -> None:
+        return None  # the generator never sees sensitive data; the trainers check their discriminators
 
 
 class DPGAN(GANMethod):
@@ -49,31 +54,31 @@ class DPGAN(GANMethod):
     name = "dp-gan"
     description = "DP-GAN: DP-SGD on a conditional discriminator, generator trained through it"
     finetune_defaults = {"epochs": 1, "batch_size": 256, "clip": 1.0, "lr": 5e-4, "grad_sample_mode": "vmap",
-                         "ema": 0.999, "optimizer": "dpsgd", "feedback_clip": None,
+                         "ema": 0.999, "private_optimizer": "dpsgd", "feedback_clip": None,
                          "train_opts": {"n_critic": 5, "g_lr": 2e-4, "beta1": 0.0, "recon_weight": 0.0}}
 
-    def _schedule(self, dataset_size: int, opts: dict) -> DPGANSchedule:
-        t = opts["train_opts"]
+    def _schedule(self, dataset_size: int, opts) -> DPGANSchedule:
+        t = opts.train_opts
         _positive("n_critic", t["n_critic"], integer=True)
         _positive("g_lr", t["g_lr"])
         _positive("recon_weight", t["recon_weight"], zero_ok=True)
         if not (isinstance(t["beta1"], (int, float)) and 0 <= t["beta1"] < 1):
-            raise BadInput(f"--train-opts beta1={t['beta1']!r} must be in [0, 1)")
-        if opts["grad_sample_mode"] != "vmap":
+            raise BadInput(f"`train_opts` beta1={t['beta1']!r} must be in [0, 1)")
+        if opts.grad_sample_mode != "vmap":
             # vmap computes each example on its own, so the private model never sees a fake row;
             # opacus' hooks would also capture the fake term's forward (see dp_gan.py)
-            raise BadInput(f"--grad-sample-mode {opts['grad_sample_mode']!r}: {self.name} computes per-example "
-                           f"gradients with vmap only; drop --grad-sample-mode or pass vmap")
-        return DPGANSchedule(dataset_size=dataset_size, batch_size=opts["batch_size"], epochs=opts["epochs"],
+            raise BadInput(f"grad_sample_mode={opts.grad_sample_mode}: {self.name} computes per-example "
+                           f"gradients with vmap only; drop `grad_sample_mode` or pass vmap")
+        return DPGANSchedule(dataset_size=dataset_size, batch_size=opts.batch_size, epochs=opts.epochs,
                              n_critic=t["n_critic"])
 
     def plan_private(self, *, dataset_size, opts, spent, eps, delta) -> PrivatePlan:
         schedule = self._schedule(dataset_size, opts)
-        q, steps, clip = schedule.sample_rate, schedule.discriminator_steps, opts["clip"]
+        q, steps, clip = schedule.sample_rate, schedule.discriminator_steps, opts.clip
         settings = {"sample_rate": q, "discriminator_steps": steps, "generator_steps": schedule.generator_steps}
         # The private optimizer's own events (EFSGD adds a non-subsampled one: training/efsgd.py).
-        kind = opts["optimizer"]
-        feedback_clip = resolve_feedback_clip(kind, opts["feedback_clip"], clip=clip, sample_rate=q)
+        kind = opts.private_optimizer
+        feedback_clip = resolve_feedback_clip(kind, opts.feedback_clip, clip=clip, sample_rate=q)
         sigma = calibrate_private_optimizer(kind, spent, eps, delta, sample_rate=q, steps=steps, clip=clip,
                                             feedback_clip=feedback_clip, stage=STAGE)
         events = private_optimizer_events(kind, STAGE, noise_multiplier=sigma, sample_rate=q, steps=steps, clip=clip,
@@ -88,18 +93,18 @@ class DPGAN(GANMethod):
         return PrivatePlan(events=events, settings={"noise_multiplier": sigma, "dataset_size": dataset_size,
                                                     **settings})
 
-    def train_private(self, generator, images, labels, *, opts, plan, device, progress):
+    def private_steps(self, plan: PrivatePlan) -> int:
+        return int(plan.settings["discriminator_steps"])  # the accounted (noisy) steps
+
+    def train_private(self, generator, images, labels, *, opts, plan, device, progress, checkpoints) -> Trained:
         schedule = self._schedule(plan.settings["dataset_size"], opts)  # the declared N, as planned
         if schedule.discriminator_steps != plan.settings["discriminator_steps"]:
             raise RuntimeError("DP-GAN schedule differs from the planned event")
-        t = opts["train_opts"]
         trained, _counts = train_dp_gan(
             generator, images, labels, schedule=schedule, noise_multiplier=plan.settings["noise_multiplier"],
-            clip=opts["clip"], lr=opts["lr"], g_lr=t["g_lr"], beta1=t["beta1"], recon_weight=t["recon_weight"],
-            grad_sample_mode=opts["grad_sample_mode"], private_optimizer=opts["optimizer"],
-            feedback_clip=plan.settings.get("feedback_clip"), ema=opts["ema"], device=device,
-            progress=lambda d, total: progress(f"finetune ({self.name}, DP discriminator)", d, total))
-        return trained
+            opts=opts.replace(feedback_clip=plan.settings.get("feedback_clip")), device=device,
+            progress=progress, phase=f"finetune ({self.name}, DP discriminator)", checkpoints=checkpoints)
+        return Trained(trained)
 
 
 class EFSGDGAN(DPGAN):
@@ -114,7 +119,7 @@ class EFSGDGAN(DPGAN):
 
     name = "efsgd-gan"
     description = "EFSGD-GAN: DP-GAN + error-feedback DP-SGD, reconstruction loss, noise injection"
-    finetune_defaults = {**DPGAN.finetune_defaults, "optimizer": "efsgd",
+    finetune_defaults = {**DPGAN.finetune_defaults, "private_optimizer": "efsgd",
                          "train_opts": {**DPGAN.finetune_defaults["train_opts"], "recon_weight": 1.0}}
     arch_defaults = {"noise_injection": True, "reconstruction": True}
 
@@ -144,9 +149,9 @@ class GSWGAN(GANMethod):
             _positive(key, t[key], zero_ok=True)
         for key in ("beta1", "beta2"):
             if not (isinstance(t[key], (int, float)) and 0 <= t[key] < 1):
-                raise BadInput(f"--train-opts {key}={t[key]!r} must be in [0, 1)")
+                raise BadInput(f"`train_opts` {key}={t[key]!r} must be in [0, 1)")
         if t["discriminators"] > dataset_size:
-            raise BadInput(f"--train-opts discriminators={t['discriminators']} exceeds the dataset size {dataset_size}")
+            raise BadInput(f"`train_opts` discriminators={t['discriminators']} exceeds the dataset size {dataset_size}")
         return t
 
     def plan_private(self, *, dataset_size, opts, spent, eps, delta) -> PrivatePlan:
@@ -165,15 +170,19 @@ class GSWGAN(GANMethod):
             "noise_multiplier": sigma_eff, "noise_multiplier_applied": applied, "noise_std": applied * opts["clip"],
             "shards": shards, "generator_steps": steps, "l2_sensitivity_per_clip": 2.0 * batch ** 0.5})
 
-    def train_private(self, generator, images, labels, *, opts, plan, device, progress):
+    def private_steps(self, plan: PrivatePlan) -> int:
+        return int(plan.settings["generator_steps"])  # one sanitized release per generator step
+
+    def train_private(self, generator, images, labels, *, opts, plan, device, progress, checkpoints) -> Trained:
         t = self._check(len(images), opts)
         trained, _counts = train_gs_wgan(
             generator, images, labels, discriminators=t["discriminators"], iterations=plan.settings["generator_steps"],
-            batch_size=opts["batch_size"], clip=opts["clip"],
-            noise_multiplier_applied=plan.settings["noise_multiplier_applied"], lr=opts["lr"],
+            batch_size=opts.batch_size, clip=opts.clip,
+            noise_multiplier_applied=plan.settings["noise_multiplier_applied"], lr=opts.lr,
             betas=(t["beta1"], t["beta2"]), critic_iters=t["critic_iters"], warmup_iters=t["warmup_iters"],
-            gp_weight=t["gp_weight"], eps_weight=t["eps_weight"], ema=opts["ema"], device=device, progress=progress)
-        return trained
+            gp_weight=t["gp_weight"], eps_weight=t["eps_weight"], ema=opts.ema, device=device, progress=progress,
+            checkpoints=checkpoints)
+        return Trained(trained)
 
 
 for _cls in (DPGAN, GSWGAN, EFSGDGAN):

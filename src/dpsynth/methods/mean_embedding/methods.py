@@ -28,7 +28,7 @@ from typing import Any, ClassVar
 import torch
 
 from ...errors import BadInput
-from ..base import Method, PrivatePlan
+from ..base import Method, PrivatePlan, Trained
 from ..registry import register_method
 from ...privacy.calibration import calibrate_sigma
 from ...privacy.plans import gaussian_release_sigma
@@ -36,6 +36,7 @@ from ...privacy.events import GaussianEvent, PoissonGaussianEvent
 from .features import FeatureMap, NTKFeatures, RandomFourierFeatures
 from .generator import EmbeddingGenerator, EmbeddingGeneratorConfig
 from ...mechanisms.embedding_release import class_proportions, flatten_images, noisy_sum, weights
+from ...training.checkpoint import capture_state, restore_model_and_optimizer, restore_rng
 
 STAGE = "finetune"
 SENSITIVITY_NOTE = "L2 sensitivity 1: each image adds (a*phi(x) (x) onehot(y), b*onehot(y)), a^2+b^2<1, ||phi||<=1"
@@ -43,19 +44,19 @@ SENSITIVITY_NOTE = "L2 sensitivity 1: each image adds (a*phi(x) (x) onehot(y), b
 
 def _positive_int(name: str, value: Any) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise BadInput(f"--train-opts {name}={value!r} must be an integer >= 1")
+        raise BadInput(f"`train_opts` {name}={value!r} must be an integer >= 1")
     return value
 
 
 def _positive_float(name: str, value: Any) -> float:
     if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value <= 0:
-        raise BadInput(f"--train-opts {name}={value!r} must be a number > 0")
+        raise BadInput(f"`train_opts` {name}={value!r} must be a number > 0")
     return float(value)
 
 
 def _even_features(value: Any) -> int:
     if _positive_int("features", value) % 2:
-        raise BadInput(f"--train-opts features={value!r} must be even (cos and sin pairs)")
+        raise BadInput(f"`train_opts` features={value!r} must be even (cos and sin pairs)")
     return value
 
 
@@ -76,13 +77,16 @@ class MeanEmbeddingMethod(Method):
     def per_sample_loss(model, x, y):
         raise BadInput("mean-embedding methods have no per-sample loss; they train on a noisy embedding")
 
-    def check_opts(self, opts: dict) -> dict:
+    def check_generator(self, generator, **_shape_and_opts) -> None:
+        return None  # the generator never sees sensitive data, only the noisy embedding
+
+    def check_opts(self, opts) -> dict:
         """Validated train_opts (the stage already checked epochs, batch_size, lr)."""
-        t = dict(opts["train_opts"])
+        t = dict(opts.train_opts)
         weights(t["count_weight"])  # raises BadInput when out of (0, 1)
         lr_decay = _positive_float("lr_decay", t["lr_decay"])
         if lr_decay > 1:
-            raise BadInput(f"--train-opts lr_decay={lr_decay!r} must be in (0, 1] (1: constant learning rate)")
+            raise BadInput(f"`train_opts` lr_decay={lr_decay!r} must be in (0, 1] (1: constant learning rate)")
         return t
 
     def feature_map(self, input_dim: int, train_opts: dict) -> FeatureMap:
@@ -108,7 +112,10 @@ class MeanEmbeddingMethod(Method):
 
 
 class SingleReleaseMethod(MeanEmbeddingMethod):
-    """dp-merf and dp-ntk: one Gaussian release over the whole set, then generator training."""
+    """dp-merf and dp-ntk: one Gaussian release over the whole set, then generator training
+    (not iterative: nothing to checkpoint or resume)."""
+
+    iterative: ClassVar[bool] = False
 
     def plan_private(self, *, dataset_size: int, opts: dict, spent: list, eps: float, delta: float) -> PrivatePlan:
         self.check_opts(opts)
@@ -117,12 +124,12 @@ class SingleReleaseMethod(MeanEmbeddingMethod):
         sigma = gaussian_release_sigma(spent, eps, delta, stage=STAGE)
         event = GaussianEvent(stage=STAGE, noise_multiplier=sigma,
                               note=f"{self.name}: one release of the embedding sum over all images; {SENSITIVITY_NOTE}")
-        steps = opts["epochs"] * math.ceil(dataset_size / opts["batch_size"])
+        steps = opts.epochs * math.ceil(dataset_size / opts.batch_size)
         return PrivatePlan(events=(event,), settings={"noise_multiplier": sigma, "releases": 1,
                                                       "dataset_size": dataset_size,
                                                       "generator_steps": steps, "l2_sensitivity": 1.0})
 
-    def train_private(self, generator, images, labels, *, opts, plan, device, progress):
+    def train_private(self, generator, images, labels, *, opts, plan, device, progress, checkpoints=None):
         t = self.check_opts(opts)
         n, k = len(images), generator.cfg.num_classes
         fmap = self.feature_map(images[0].numel(), t).to(device)
@@ -139,16 +146,16 @@ class SingleReleaseMethod(MeanEmbeddingMethod):
         declared = plan.settings["dataset_size"]  # public (declared) N, never the true size
         target = release.features.to(device) / declared  # the noisy mean joint embedding
         proportions = class_proportions(release.counts).to(device)
-        steps_per_epoch = math.ceil(declared / opts["batch_size"])
-        total = opts["epochs"] * steps_per_epoch
+        steps_per_epoch = math.ceil(declared / opts.batch_size)
+        total = opts.epochs * steps_per_epoch
         generator.train()
-        optimizer = torch.optim.Adam(generator.parameters(), lr=opts["lr"])
+        optimizer = torch.optim.Adam(generator.parameters(), lr=opts.lr)
         schedule = torch.optim.lr_scheduler.StepLR(optimizer, step_size=steps_per_epoch, gamma=t["lr_decay"])
         for step in range(total):
-            self.generator_step(generator, optimizer, fmap, target, proportions, opts["batch_size"], step)
+            loss = self.generator_step(generator, optimizer, fmap, target, proportions, opts.batch_size, step)
             schedule.step()
-            progress(f"finetune ({self.name}): generator", step + 1, total)
-        return generator.eval()
+            progress(f"finetune ({self.name}): generator", step + 1, total, loss)
+        return Trained(generator.eval())
 
 
 class DPMERF(SingleReleaseMethod):
@@ -210,10 +217,10 @@ class DPKernel(MeanEmbeddingMethod):
 
     def plan_private(self, *, dataset_size: int, opts: dict, spent: list, eps: float, delta: float) -> PrivatePlan:
         self.check_opts(opts)
-        if not (1 <= opts["batch_size"] <= dataset_size):
-            raise BadInput(f"--batch-size {opts['batch_size']} must be between 1 and the dataset size {dataset_size}")
-        rate = opts["batch_size"] / dataset_size
-        iterations = math.ceil(opts["epochs"] * dataset_size / opts["batch_size"])
+        if not (1 <= opts.batch_size <= dataset_size):
+            raise BadInput(f"batch_size={opts.batch_size} must be between 1 and the dataset size {dataset_size}")
+        rate = opts.batch_size / dataset_size
+        iterations = math.ceil(opts.epochs * dataset_size / opts.batch_size)
 
         def events_at(sigma: float) -> list:
             return [PoissonGaussianEvent(stage=STAGE, noise_multiplier=sigma, sample_rate=rate, steps=iterations,
@@ -226,27 +233,46 @@ class DPKernel(MeanEmbeddingMethod):
                                                       "releases": iterations, "generator_steps": iterations,
                                                       "l2_sensitivity": 1.0})
 
-    def train_private(self, generator, images, labels, *, opts, plan, device, progress):
+    def private_steps(self, plan: PrivatePlan) -> int:
+        return int(plan.settings["releases"])
+
+    def train_private(self, generator, images, labels, *, opts, plan, device, progress, checkpoints=None):
+        """One noisy release and one generator step per iteration. Checkpoints hold the
+        generator, its optimizer and schedule, the running class counts (post-processing of
+        the releases so far), the random features and the RNG."""
         t = self.check_opts(opts)
         n, k = len(images), generator.cfg.num_classes
         rate, iterations = plan.settings["sample_rate"], plan.settings["releases"]
         expected = rate * plan.settings["dataset_size"]  # public denominator (the actual batch size is private)
         fmap = self.feature_map(images[0].numel(), t).to(device)
-        gen_batch = t["generator_batch"] or opts["batch_size"]
+        gen_batch = t["generator_batch"] or opts.batch_size
         generator.train()
-        optimizer = torch.optim.Adam(generator.parameters(), lr=opts["lr"])
+        optimizer = torch.optim.Adam(generator.parameters(), lr=opts.lr)
         schedule = torch.optim.lr_scheduler.StepLR(optimizer, step_size=max(1, round(1 / rate)), gamma=t["lr_decay"])
         counts = torch.zeros(k)
-        for step in range(iterations):  # exactly the planned number of releases
+        resume = getattr(checkpoints, "resume", None)
+        start = 0
+        if resume:
+            start = restore_model_and_optimizer(resume, generator, optimizer)
+            schedule.load_state_dict(resume["extra"]["schedule"])
+            counts = resume["extra"]["counts"].clone()
+            for name, value in resume["extra"]["features"].items():
+                setattr(fmap, name, value.to(device))
+            restore_rng(resume)  # last: the next draw is the first resumed release's
+        features = {name: v for name, v in vars(fmap).items() if isinstance(v, torch.Tensor)}
+        for step in range(start, iterations):  # exactly the planned number of releases
             chosen = torch.nonzero(torch.rand(n) < rate).flatten()  # Poisson sampling, global (secret) RNG
             release = noisy_sum(fmap, images[chosen], labels[chosen], k, noise_multiplier=plan.settings["noise_multiplier"],
                                 count_weight=t["count_weight"], device=device)
             counts += release.counts.cpu()  # the proportions: running post-processing of all releases so far
-            self.generator_step(generator, optimizer, fmap, release.features.to(device) / expected,
-                                class_proportions(counts).to(device), gen_batch, step)
+            loss = self.generator_step(generator, optimizer, fmap, release.features.to(device) / expected,
+                                       class_proportions(counts).to(device), gen_batch, step)
             schedule.step()
-            progress("finetune (dp-kernel)", step + 1, iterations)
-        return generator.eval()
+            progress("finetune (dp-kernel)", step + 1, iterations, loss)
+            if checkpoints is not None:
+                checkpoints(step + 1, lambda: capture_state(step + 1, generator, optimizer, schedule=schedule,
+                                                            counts=counts, features=features))
+        return Trained(generator.eval())
 
 
 for _cls in (DPMERF, DPNTK, DPKernel):
