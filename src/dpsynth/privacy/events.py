@@ -32,6 +32,20 @@ class PrivacyEvent:
     mechanism: ClassVar[str] = ""
     stage: str
 
+    def __post_init__(self) -> None:
+        # One validation for every event type: the fields each one has, by what they mean.
+        what = f"{self.mechanism} event"
+        for name in ("noise_multiplier", "epsilon0"):
+            if hasattr(self, name):
+                _check_positive(name, getattr(self, name), what)
+        for name in ("steps", "shards"):
+            if hasattr(self, name):
+                _check_count(name, getattr(self, name), what)
+        self._check_sample_rate(what)
+
+    def _check_sample_rate(self, what: str) -> None:
+        """Events without a `sample_rate` field have nothing to check."""
+
     def to_dict(self) -> dict:
         return {"stage": self.stage, "mechanism": self.mechanism,
                 **{k: v for k, v in asdict(self).items() if k != "stage"}}
@@ -51,11 +65,9 @@ class GaussianEvent(PrivacyEvent):
     steps: int = 1
     note: str = field(default="", compare=False)
 
-    def __post_init__(self) -> None:
-        _check_positive("noise_multiplier", self.noise_multiplier, "gaussian event")
+    def _check_sample_rate(self, what: str) -> None:
         if self.sample_rate != 1.0:
-            raise BadInput(f"gaussian event: sample_rate={self.sample_rate!r}; it must be 1.0 (use poisson_gaussian)")
-        _check_steps(self.steps, "gaussian event")
+            raise BadInput(f"{what}: sample_rate={self.sample_rate!r}; it must be 1.0 (use poisson_gaussian)")
 
 
 @dataclass(frozen=True)
@@ -68,11 +80,9 @@ class PoissonGaussianEvent(PrivacyEvent):
     steps: int
     note: str = field(default="", compare=False)
 
-    def __post_init__(self) -> None:
-        _check_positive("noise_multiplier", self.noise_multiplier, "poisson_gaussian event")
+    def _check_sample_rate(self, what: str) -> None:
         if not (isinstance(self.sample_rate, (int, float)) and 0 < self.sample_rate <= 1):
-            raise BadInput(f"poisson_gaussian event: sample_rate={self.sample_rate!r}; it must be in (0, 1]")
-        _check_steps(self.steps, "poisson_gaussian event")
+            raise BadInput(f"{what}: sample_rate={self.sample_rate!r}; it must be in (0, 1]")
 
 
 @dataclass(frozen=True)
@@ -91,12 +101,6 @@ class ShardGaussianEvent(PrivacyEvent):
     steps: int
     note: str = field(default="", compare=False)
 
-    def __post_init__(self) -> None:
-        _check_positive("noise_multiplier", self.noise_multiplier, "shard_gaussian event")
-        if not isinstance(self.shards, int) or isinstance(self.shards, bool) or self.shards < 1:
-            raise BadInput(f"shard_gaussian event: shards={self.shards!r}; it must be an integer >= 1")
-        _check_steps(self.steps, "shard_gaussian event")
-
 
 @dataclass(frozen=True)
 class LaplaceEvent(PrivacyEvent):
@@ -107,14 +111,10 @@ class LaplaceEvent(PrivacyEvent):
     steps: int = 1
     note: str = field(default="", compare=False)
 
-    def __post_init__(self) -> None:
-        _check_positive("epsilon0", self.epsilon0, "laplace event")
-        _check_steps(self.steps, "laplace event")
 
-
-def _check_steps(steps: int, what: str) -> None:
-    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
-        raise BadInput(f"{what}: steps={steps!r}; it must be an integer >= 1")
+def _check_count(name: str, value: int, what: str) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise BadInput(f"{what}: {name}={value!r}; it must be an integer >= 1")
 
 
 EVENT_TYPES: dict[str, type[PrivacyEvent]] = {
