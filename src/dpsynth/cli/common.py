@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 import json
 import os
 import sys
@@ -92,6 +94,38 @@ def _fmt(value) -> str:
     return str(value)
 
 
+
+
+# The flags a run's first stage fixes (select-public, pretrain and finetune can each create a run).
+RUN_CREATION = {
+    "sensitive": (Optional[str], SensitiveOpt), "public": (Optional[str], PublicOpt),
+    "data_root": (Optional[str], DataRootOpt), "resolution": (Optional[int], ResolutionOpt),
+    "channels": (Optional[int], ChannelsOpt), "limit": (Optional[int], LimitOpt), "seed": (int, SeedOpt),
+    "holdout": (float, HoldoutOpt), "noisy_val_eps": (Optional[float], NoisyValEpsOpt),
+    "public_size": (Optional[int], PublicSizeOpt), "sensitive_test": (Optional[str], SensitiveTestOpt),
+}
+
+
+def creates_runs(**overrides):
+    """Decorator: adds the run-creation flags (RUN_CREATION, `overrides` replacing some of them as
+    (annotation, Option)) to a command, and calls it with `settings` (DataSettings, or None when
+    --sensitive is absent) instead of them."""
+    def decorate(command):
+        signature = inspect.signature(command)
+        specs = {**RUN_CREATION, **overrides}
+        added = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=annotation)
+                 for name, (annotation, option) in specs.items()]
+        kept = [p for name, p in signature.parameters.items() if name != "settings"]
+
+        @functools.wraps(command)
+        def wrapper(**kwargs):
+            settings = new_run_settings(**{name: kwargs.pop(name) for name in specs})
+            return command(settings=settings, **kwargs)
+
+        wrapper.__signature__ = signature.replace(parameters=[
+            p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in kept] + added)
+        return wrapper
+    return decorate
 
 
 def new_run_settings(sensitive, public, resolution, channels, limit, seed, data_root, holdout=0.0,

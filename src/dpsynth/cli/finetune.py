@@ -6,13 +6,13 @@ import typer
 
 from ..pipeline.finetune import run_finetune
 from ..training.options import FinetuneOptions
-from .common import (PublicSizeOpt, ArchOpt, ChannelsOpt, DataRootOpt, DeltaOpt, DeviceOpt, HoldoutOpt, JsonOpt, LimitOpt, MethodOpt,
-                     NoisyValEpsOpt, PublicOpt, QuietOpt, ResolutionOpt, RunOpt, SeedOpt, SensitiveOpt, emit,
-                     new_run_settings, progress_bars, SensitiveTestOpt)
+from .common import (ArchOpt, DeltaOpt, DeviceOpt, JsonOpt, MethodOpt, QuietOpt, RunOpt, creates_runs, emit,
+                     progress_bars)
 
 _DEFAULT = " Default: the method's."
 
 
+@creates_runs()
 def command(
     eps: float = typer.Option(..., "--eps", help="Target epsilon for the WHOLE run (all stages)."),
     epochs: Optional[int] = typer.Option(None, "--epochs", help="Passes over the sensitive set." + _DEFAULT),
@@ -42,18 +42,11 @@ def command(
     checkpoint_every: Optional[int] = typer.Option(None, "--checkpoint-every", help="Write a checkpoint every N "
                                                    "private steps (Ctrl-C always writes one; iterative methods)."),
     arch: Optional[str] = ArchOpt, device: str = DeviceOpt,
-    run: str = RunOpt, sensitive: Optional[str] = SensitiveOpt, public: Optional[str] = PublicOpt,
-    method: Optional[str] = MethodOpt, data_root: Optional[str] = DataRootOpt,
-    resolution: Optional[int] = ResolutionOpt, channels: Optional[int] = ChannelsOpt, limit: Optional[int] = LimitOpt,
-    seed: int = SeedOpt, delta: Optional[float] = DeltaOpt, holdout: float = HoldoutOpt,
-    noisy_val_eps: Optional[float] = NoisyValEpsOpt, public_size: Optional[int] = PublicSizeOpt,
-    sensitive_test: Optional[str] = SensitiveTestOpt,
-    quiet: bool = QuietOpt, json_out: bool = JsonOpt,
+    run: str = RunOpt, method: Optional[str] = MethodOpt, delta: Optional[float] = DeltaOpt,
+    quiet: bool = QuietOpt, json_out: bool = JsonOpt, settings=None,
 ) -> None:
     """Private fine-tuning (DP-SGD or the method's own mechanism); noise is solved so ledger + these steps
     stay <= --eps."""
-    settings = new_run_settings(sensitive, public, resolution, channels, limit, seed, data_root, holdout,
-                                noisy_val_eps, public_size, sensitive_test)
     with progress_bars(quiet or json_out) as progress:
         options = FinetuneOptions(epochs=epochs, batch_size=batch_size, clip=clip, lr=lr,
                                   grad_sample_mode=grad_sample_mode, noise_multiplicity=noise_multiplicity,

@@ -97,7 +97,7 @@ def check_combination(opts: FinetuneOptions) -> None:
 def resolve_options(method, given: FinetuneOptions) -> FinetuneOptions:
     """Given options over the method's defaults, checked: the one resolution of a finetune.
     An option the method does not have (absent from its finetune_defaults) is refused."""
-    from ..methods.base import parse_arch
+    from ..key_values import parse_arch
 
     defaults = method.finetune_defaults
     check_values(given)
