@@ -57,20 +57,20 @@ class AuditConfig:
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.claimed_epsilon) and self.claimed_epsilon > 0):
-            raise BadInput(f"--eps {self.claimed_epsilon!r} is not allowed; it must be a finite number > 0")
+            raise BadInput(f"eps={self.claimed_epsilon!r} is not allowed; it must be a finite number > 0")
         if not (0 < self.delta < 1):
-            raise BadInput(f"--delta {self.delta!r} is not allowed; it must be in (0, 1)")
+            raise BadInput(f"delta={self.delta!r} is not allowed; it must be in (0, 1)")
         if self.canaries < 10:
-            raise BadInput(f"--canaries {self.canaries} is not allowed; it must be >= 10 (>= 1000 for a useful bound)")
+            raise BadInput(f"canaries={self.canaries} is not allowed; it must be >= 10 (>= 1000 for a useful bound)")
         if self.epochs < 1:
-            raise BadInput(f"--epochs {self.epochs} is not allowed; it must be >= 1")
+            raise BadInput(f"epochs={self.epochs} is not allowed; it must be >= 1")
         if not (0 < self.alpha < 1):
-            raise BadInput(f"--alpha {self.alpha!r} is not allowed; it must be in (0, 1)")
+            raise BadInput(f"alpha={self.alpha!r} is not allowed; it must be in (0, 1)")
         if not (math.isfinite(self.noise_scale) and self.noise_scale > 0):
-            raise BadInput(f"--noise-scale {self.noise_scale!r} is not allowed; it must be a finite number > 0 "
-                           "(--no-noise turns the noise off)")
+            raise BadInput(f"noise_scale={self.noise_scale!r} is not allowed; it must be a finite number > 0 "
+                           "(`no_noise` turns the noise off)")
         if not (0 < self.noise_alpha < 1):
-            raise BadInput(f"--noise-alpha {self.noise_alpha!r} is not allowed; it must be in (0, 1)")
+            raise BadInput(f"noise_alpha={self.noise_alpha!r} is not allowed; it must be in (0, 1)")
 
 
 @dataclass
@@ -146,7 +146,7 @@ def run_audit(config: AuditConfig, progress=None) -> AuditResult:
     rng = np.random.default_rng(config.seed)
     included = rng.random(m) < 0.5
     if (~included).sum() < 2:  # checked before the training it would waste
-        raise BadInput(f"--canaries {m} with --seed {config.seed} left {(~included).sum()} OUT canaries; the "
+        raise BadInput(f"canaries={m} with seed={config.seed} left {(~included).sum()} OUT canaries; the "
                        "noise-scale test needs >= 2 (use more canaries)")
     canary_labels = torch.tensor(rng.integers(0, NUM_CLASSES, m), dtype=torch.long)
     x_train, y_train, x_test, y_test = _digits(config.seed)

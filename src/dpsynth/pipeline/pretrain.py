@@ -44,9 +44,9 @@ def run_pretrain(run_path: str | Path, settings: DataSettings | None = None, *, 
     epochs = defaults["epochs"] if epochs is None else epochs
     batch_size = defaults["batch_size"] if batch_size is None else batch_size
     lr = defaults["lr"] if lr is None else lr
-    check_positive("--epochs", epochs, integer=True)
-    check_positive("--batch-size", batch_size, integer=True)
-    check_positive("--lr", lr)
+    check_positive("epochs", epochs, integer=True)
+    check_positive("batch_size", batch_size, integer=True)
+    check_positive("lr", lr)
     torch_device = resolve_device(device)
     _, c, r, _ = sensitive.images.shape
     torch.manual_seed(run.manifest["settings"].get("seed", 0))  # recorded when the run was created

@@ -16,6 +16,6 @@ def resolve_device(name: str | None) -> torch.device:
         return torch.device("cpu")
     if name.startswith("cuda"):
         if not torch.cuda.is_available():
-            raise BadInput(f"--device {name} asked for a GPU, but torch sees none; use --device cpu or auto")
+            raise BadInput(f"device={name} asked for a GPU, but torch sees none; use `device` cpu or auto")
         return torch.device(name)
-    raise BadInput(f"--device {name!r} is unknown; choose auto, cpu or cuda[:N]")
+    raise BadInput(f"device={name!r} is unknown; choose auto, cpu or cuda[:N]")
