@@ -21,7 +21,6 @@ app.command("report")(report.command)
 app.command("audit")(audit.command)
 app.command("methods")(methods.command)
 
-COMMANDS = {"select-public", "pretrain", "finetune", "generate", "evaluate", "ledger", "report", "audit", "methods"}
 
 
 @app.callback()
@@ -31,4 +30,11 @@ def main(ctx: typer.Context,
                                                     "(flags override; default $DPSYNTH_RECIPE).")) -> None:
     """dpsynth: select-public → pretrain → finetune → generate → evaluate, one run directory."""
     if recipe:
-        ctx.default_map = load_recipe(Path(recipe), COMMANDS)
+        ctx.default_map = load_recipe(Path(recipe), command_flags(ctx.command))
+
+
+def command_flags(group) -> dict[str, dict[str, str]]:
+    """{command: {long flag without dashes, '-' as '_': parameter name}}: recipe keys are flags."""
+    return {name: {opt[2:].replace("-", "_"): param.name for param in command.params for opt in param.opts
+                   if opt.startswith("--")}
+            for name, command in group.commands.items()}

@@ -17,7 +17,9 @@ import yaml
 from ..errors import BadInput
 
 
-def load_recipe(path: Path, commands: set[str]) -> dict:
+def load_recipe(path: Path, commands: dict[str, dict[str, str]]) -> dict:
+    """`commands`: for each command, {flag name with '_' for '-': its parameter's name}. A key that
+    is not one of the section's flags is refused (a typo must not silently fall back to a default)."""
     if not path.is_file():
         raise BadInput(f"recipe {path} does not exist")
     try:
@@ -35,6 +37,11 @@ def load_recipe(path: Path, commands: set[str]) -> dict:
         if not isinstance(options, dict):
             raise BadInput(f"recipe {path}: section {section!r} must be a mapping of option -> value")
         # Mappings (e.g. an --arch dict) reach the option as JSON text, as a user would type it.
-        default_map[section] = {str(k).replace("-", "_"): json.dumps(v) if isinstance(v, dict) else v
+        flags = commands[section]
+        unknown = sorted(str(k) for k in options if str(k).replace("-", "_") not in flags)
+        if unknown:
+            raise BadInput(f"recipe {path}: section {section!r} has no option {unknown[0]!r}; allowed: "
+                           f"{', '.join(sorted('--' + k.replace('_', '-') for k in flags))}")
+        default_map[section] = {flags[str(k).replace("-", "_")]: json.dumps(v) if isinstance(v, dict) else v
                                 for k, v in options.items()}
     return default_map
