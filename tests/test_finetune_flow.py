@@ -24,7 +24,7 @@ from dpsynth.training.checkpoint import Checkpointing
 from dpsynth.training.options import FinetuneOptions, resolve_options
 
 FAULT = Path(__file__).with_name("fault_inject.py")
-KERNEL = ["finetune", "--sensitive", "digits", "--limit", "300", "--resolution", "8", "--method", "dp-kernel",
+KERNEL = ["finetune", "--sensitive", "digits", "--limit", "300", "--public-size", "1797", "--resolution", "8", "--method", "dp-kernel",
           "--eps", "3", "--epochs", "1", "--batch-size", "60", "--train-opts", "features=16",
           "--arch", "width=4,hidden=16,latent_dim=8", "--checkpoint-every", "1", "--quiet", "--json"]
 
@@ -70,7 +70,7 @@ def test_dp_kernel_killed_mid_run_resumes_under_its_recorded_event(tmp_path, mon
 @pytest.mark.parametrize("flag", [["--resume"], ["--checkpoint-every", "2"]])
 def test_single_release_methods_refuse_resume_and_checkpoints_in_one_line(tmp_path, capsys, flag):
     run = tmp_path / "run"
-    code = main(["finetune", "--run", str(run), "--method", "dp-merf", "--sensitive", "digits", "--limit", "300",
+    code = main(["finetune", "--run", str(run), "--method", "dp-merf", "--sensitive", "digits", "--limit", "300", "--public-size", "1797",
                  "--resolution", "8", "--eps", "1", *flag])
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and f"drop {flag[0]}" in err, err
@@ -162,7 +162,7 @@ def _check_failed(run: Path, stage: str, events: list[str]) -> None:
     assert not (run / LOCK).exists()
 
 
-FINETUNE_CVAE = ["finetune", "--sensitive", "digits", "--limit", "200", "--resolution", "8", "--method", "dp-cvae",
+FINETUNE_CVAE = ["finetune", "--sensitive", "digits", "--limit", "200", "--public-size", "1797", "--resolution", "8", "--method", "dp-cvae",
                  "--eps", "2", "--epochs", "1", "--batch-size", "200", "--quiet"]
 
 
@@ -194,7 +194,7 @@ def test_select_public_fails_after_its_event_and_keeps_it(tmp_path, monkeypatch)
     monkeypatch.setattr(select_public, "add_gaussian_noise", _boom)
     with pytest.raises(Boom):
         main(["select-public", "--run", str(run), "--method", "privimage", "--sensitive", "fashionmnist",
-              "--limit", "300", "--resolution", "8", "--public", "digits", "--sigma", "20", "--quiet"])
+              "--limit", "300", "--public-size", "60000", "--resolution", "8", "--public", "digits", "--sigma", "20", "--quiet"])
     _check_failed(run, "select-public", ["select-public"])
 
 
@@ -204,7 +204,7 @@ def test_dp_feta_pretrain_fails_after_its_central_images_event_and_keeps_it(tmp_
     run = tmp_path / "run"
     monkeypatch.setattr(pretrain, "train_nonprivate", _boom)  # after the central images are released
     with pytest.raises(Boom):
-        main(["pretrain", "--run", str(run), "--method", "dp-feta", "--sensitive", "fashionmnist", "--limit", "300",
+        main(["pretrain", "--run", str(run), "--method", "dp-feta", "--sensitive", "fashionmnist", "--limit", "300", "--public-size", "60000",
               "--resolution", "8", "--epochs", "1", "--batch-size", "64", "--arch", "width=4,ch_mult=1:2,num_res_blocks=1",
               "--central-batch", "100", "--quiet"])
     _check_failed(run, "pretrain", ["pretrain"])
