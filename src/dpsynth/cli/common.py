@@ -78,11 +78,15 @@ def emit(result: dict, as_json: bool, title: str) -> None:
     if as_json:
         sys.stdout.write(json.dumps(result, default=str) + "\n")
         return
+    from .app import app  # here, not at import: app imports every command module, which import this one
+    from .flags import all_flags, to_flags
+
+    hints = all_flags(app)  # a backticked parameter in a result's text ("pass `inception_weights`") reads as its flag
     table = Table(title=title, show_header=True)
     table.add_column("key")
     table.add_column("value")
     for key, value in result.items():
-        table.add_row(str(key), _fmt(value))
+        table.add_row(str(key), to_flags(_fmt(value), {}, hints))
     out.print(table)
 
 
