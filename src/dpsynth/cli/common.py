@@ -78,10 +78,10 @@ def emit(result: dict, as_json: bool, title: str) -> None:
     if as_json:
         sys.stdout.write(json.dumps(result, default=str) + "\n")
         return
-    from .app import app  # here, not at import: app imports every command module, which import this one
-    from .flags import all_flags, to_flags
+    from .flags import HINTS, to_flags
 
-    hints = all_flags(app)  # a backticked parameter in a result's text ("pass `inception_weights`") reads as its flag
+    # A backticked parameter in a result's text ("pass `inception_weights`") reads as its flag.
+    hints = HINTS
     table = Table(title=title, show_header=True)
     table.add_column("key")
     table.add_column("value")

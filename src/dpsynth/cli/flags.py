@@ -12,6 +12,9 @@ import re
 
 import typer
 
+# {parameter: flag} over every command, set by cli.main before a command runs (tables map result text with it).
+HINTS: dict[str, str] = {}
+
 _ASSIGNED = re.compile(r"(?<![\w.-])([a-z][a-z0-9_]*)=")
 _QUOTED = re.compile(r"`([a-z][a-z0-9_]*)`")
 

@@ -14,8 +14,10 @@ def main(argv: list[str] | None = None) -> int:
         # Third-party deprecation chatter (opacus, clean-fid, SciPy) is noise on a CLI's stderr.
         warnings.filterwarnings("ignore")
     from .app import app
+    from . import flags as cli_flags
     from .flags import all_flags, command_flags, to_flags
 
+    cli_flags.HINTS.update(all_flags(app))
     try:
         app(args=argv, standalone_mode=False, prog_name="dpsynth")
     except Interrupted as exc:
@@ -25,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("DPSYNTH_DEBUG"):
             raise
         flags = command_flags(app, argv if argv is not None else sys.argv[1:])
-        sys.stderr.write(f"error: {to_flags(str(exc), flags, all_flags(app))}\n")
+        sys.stderr.write(f"error: {to_flags(str(exc), flags, cli_flags.HINTS)}\n")
         return 2
     except KeyboardInterrupt:
         sys.stderr.write("error: interrupted\n")
