@@ -196,3 +196,22 @@ def test_evaluate_on_a_gpu_without_one_is_bad_input(run, capsys):
     assert main(["evaluate", "--run", str(run.path), "--device", "cuda"]) == 2
     assert "--device cuda asked for a GPU" in capsys.readouterr().err
     assert snapshot(run.path) == before
+
+
+def test_evaluate_fails_after_its_noisy_val_event_and_keeps_it(tmp_path, feature_cache, monkeypatch):
+    """A crash after the noisy-val event is written ends the stage `failed` (never `running`),
+    and the event stays in the ledger: the hold-out was read."""
+    run = make_run(tmp_path / "run")
+    before = len(run.events())
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(evaluate_stage, "evaluate_protocols", boom)
+    with pytest.raises(RuntimeError, match="boom"):
+        evaluate_stage.run_evaluate(run.path, protocol="noisy-val", val_eps=0.1, epochs=1, batch_size=128)
+    manifest = RunDir.open(run.path).manifest
+    assert manifest["stages"]["evaluate"]["status"] == "failed"
+    events = manifest["privacy"]["events"]
+    assert len(events) == before + 1 and events[-1]["stage"] == "evaluate" and "noisy-val" in events[-1]["note"]
+    assert not (run.path / ".lock").exists()
