@@ -16,7 +16,6 @@ from ..errors import BadInput, RunDirError
 from ..methods import get_method
 from ..privacy.accountant import check_delta, compose_epsilon, default_delta
 from ..privacy.owner_key import OwnerKey, check_outside, load_owner_key
-from ..validation import check_positive as _check_positive
 from .rundir import RunDir
 from ..mechanisms.noisy_val import reservation_event
 from .holdout import check_holdout, holdout_record, split_off
@@ -56,12 +55,6 @@ class DataSettings:
             raise BadInput(f"public_size={self.public_size!r} is not allowed; it must be an integer >= 3")
         if self.public_size is not None and self.limit is not None and self.limit > self.public_size:
             raise BadInput(f"limit={self.limit} exceeds `public_size` {self.public_size}; allowed: at most it")
-
-
-def check_positive(name: str, value: float, integer: bool = False) -> None:
-    """Deprecated: use dpsynth.validation.check_positive. Kept only for pretrain and finetune, which
-    still pass flag spellings ("--batch-size"); the message names the parameter (batch_size=...)."""
-    _check_positive(name.lstrip("-").replace("-", "_"), value, integer=integer)
 
 
 def _limit_fraction(settings: DataSettings, n: int) -> float:
@@ -249,7 +242,7 @@ def open_or_create_run(run_path: str | Path, *, method: str | None, settings: Da
                         public=public_record, delta=delta, settings=settings.__dict__,
                         assumptions=privacy_assumptions(basis))
     if held is not None:
-        run.manifest["holdout"] = holdout_record(settings.holdout, settings.seed, held, owner)
+        run.manifest["holdout"] = holdout_record(settings.holdout, settings.seed, held, owner, size=n - n_train)
     if settings.noisy_val_eps is not None:
         event = reservation_event(settings.noisy_val_eps, [], delta)
         run.record_event(event, compose_epsilon([event], delta), save=False)

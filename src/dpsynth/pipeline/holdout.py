@@ -53,8 +53,8 @@ def split_off(images: ImageSet, fraction: float, seed: int, key: OwnerKey) -> tu
     return images.subset(~held), images.subset(held)
 
 
-def holdout_record(fraction: float, seed: int, held: ImageSet, key: OwnerKey) -> dict:
-    # The hold-out's size is a data-dependent count like N itself: declared public with N (see
-    # the manifest's privacy.assumptions); its identity is a keyed tag, never a plain hash.
-    return {"fraction": float(fraction), "seed": int(seed), "size": len(held), "tag": keyed_tag(held, key),
+def holdout_record(fraction: float, seed: int, held: ImageSet, key: OwnerKey, size: int) -> dict:
+    # `size` is the hold-out's size as N is stated (declared with --public-size, else the true count,
+    # public with N: see the manifest's privacy.assumptions); its identity is a keyed tag, never a plain hash.
+    return {"fraction": float(fraction), "seed": int(seed), "size": int(size), "tag": keyed_tag(held, key),
             "key_id": key.key_id}

@@ -22,7 +22,8 @@ from ..methods import get_method, parse_arch
 from ..privacy.accountant import compose_epsilon
 from ..training.device import resolve_device
 from ..training.dpsgd import train_nonprivate
-from .common import (DataSettings, Progress, check_positive, declared_size, load_public, no_progress, open_or_create_run,
+from ..validation import check_positive
+from .common import (DataSettings, Progress, declared_size, load_public, no_progress, open_or_create_run,
                      settings_from_run, torch_bytes)
 from .lifecycle import stage_run
 from .names import CENTRAL, PRETRAIN as STAGE, PRETRAINED, SELECT_PUBLIC as SELECT_STAGE, SELECTION
