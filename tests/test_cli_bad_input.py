@@ -1,7 +1,8 @@
-"""Bad input, systematically: one line naming the value, exit 2, no traceback, nothing on
-disk changed. The table runs the CLI's real entry point (`dpsynth.cli.main.main`: the same
-argument parsing and error mapping as the console script) in-process, because a subprocess
-costs ~6 s of imports per case; two cases at the end confirm it through a real subprocess."""
+"""Bad input, systematically: one line naming the value (a budget refusal adds its options as an
+indented list), exit 2, no traceback, nothing on disk changed. The table runs the CLI's real
+entry point (`dpsynth.cli.main.main`: the same argument parsing and error mapping as the
+console script) in-process, because a subprocess costs ~6 s of imports per case; two cases at
+the end confirm it through a real subprocess."""
 
 import os
 import shutil
@@ -81,7 +82,8 @@ CASES = [
     (["generate", "--n", "10", "--run", "{base:deleted_artifact}"], ["generator.pt is missing"]),
     (["generate", "--n", "10", "--run", "{base:stale_lock}"], ["stale lock from process", "remove", ".lock"]),
     (["generate", "--n", "10", "--run", "{base:live_lock}"], ["in use by process"]),
-    (["finetune", "--eps", "0.5", "--batch-size", "200", "--run", "{base:ok}"], ["already spent", "target --eps 0.5"]),
+    (["finetune", "--eps", "0.5", "--batch-size", "200", "--run", "{base:ok}"],
+     ["already spent", "target --eps 0.5", "\n  - in this run: finetune --eps ", "\n  - keep --eps 0.5: in a new --run"]),
     (["finetune", "--eps", "5", "--delta", "0.0001", "--run", "{base:ok}"], ["--delta 0.0001", "fixed per run"]),
     (["finetune", "--eps", "5", "--method", "pdp-cvae", "--run", "{base:ok}"], ["--method pdp-cvae", "'dp-cvae'"]),
     # unwritable output and a full disk
@@ -191,7 +193,10 @@ def test_bad_input_is_one_line_exit_2_and_changes_nothing(tmp_path, monkeypatch,
     code = main(argv)
     err = capsys.readouterr().err
     assert code == 2, err
-    assert err.startswith("error: ") and err.count("\n") == 1, err
+    # One line; a budget refusal adds its options as an indented list under it.
+    lines = err.splitlines()
+    assert err.startswith("error: ") and all(line.startswith("  - ") for line in lines[1:]), err
+    assert len(lines) == 1 or "already spent" in lines[0], err
     assert "Traceback" not in err
     for fragment in expected:
         assert fragment in err, err

@@ -97,7 +97,9 @@ def test_over_budget_finetune_is_refused_and_changes_nothing(run_dir):
     before = snapshot(run)
     result = dpsynth("finetune", "--run", str(run), "--eps", "1", "--epochs", "1", "--batch-size", "250")
     assert result.returncode == 2
-    assert result.stderr.count("\n") == 1 and "already spent" in result.stderr and "Traceback" not in result.stderr
+    first, *options = result.stderr.splitlines()
+    assert first.startswith("error: ") and "already spent" in first and "Traceback" not in result.stderr
+    assert options and all(line.startswith("  - ") for line in options)
     assert snapshot(run) == before
 
 

@@ -121,7 +121,7 @@ def test_noisy_val_spends_the_reservation_once_then_refuses_without_budget(run, 
     before = snapshot(run.path)
     with pytest.raises(BudgetExhausted, match="reserved none"):
         evaluate_stage.run_evaluate(run.path, protocol="noisy-val", epochs=2)
-    with pytest.raises(BudgetExhausted, match="target epsilon"):
+    with pytest.raises(BudgetExhausted, match="cannot run within the run's target"):
         evaluate_stage.run_evaluate(run.path, protocol="noisy-val", epochs=2, val_eps=5.0)
     assert snapshot(run.path) == before
     # A comparison still runs the two free protocols and says why noisy-val is missing.

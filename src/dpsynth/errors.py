@@ -26,7 +26,18 @@ class IntegrityError(DpsynthError):
 
 
 class BudgetExhausted(DpsynthError):
-    """The privacy ledger cannot fit the requested mechanism within the target epsilon."""
+    """The privacy ledger cannot fit the requested mechanism within the target epsilon.
+    The message is one line, then the options as indented lines (`privacy.refusal`);
+    `shortfall` holds the numbers it was computed from, when a calibration raised it."""
+
+    def __init__(self, message: str, shortfall=None):
+        super().__init__(message)
+        self.shortfall = shortfall
+
+    @property
+    def one_line(self) -> str:
+        """The message on one line (for a table cell): the headline, then the options after ';'."""
+        return "; ".join(line.strip().removeprefix("- ") for line in str(self).splitlines())
 
 
 class StorageError(DpsynthError):

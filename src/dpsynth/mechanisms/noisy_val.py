@@ -22,6 +22,7 @@ from ..validation import check_choice, check_positive
 from .secret_noise import secret_numpy_rng
 
 NOISES = ("laplace", "gaussian")
+RESERVED = "(reserved at run creation)"  # in the note of the event reserved when the run was created
 
 
 def check_noise(noise: str) -> None:
@@ -40,8 +41,9 @@ def reservation_event(eps: float, spent: list[PrivacyEvent], delta: float) -> Ga
     (see `noisy_val_scale`), and that number is unknown when the run starts.
     """
     check_positive("noisy_val_eps", eps)
-    sigma = gaussian_release_sigma(spent, epsilon_upper(spent, delta) + eps, delta, stage="evaluate")
-    return GaussianEvent(stage="evaluate", noise_multiplier=float(sigma), note=NOTE + " (reserved at run creation)")
+    sigma = gaussian_release_sigma(spent, epsilon_upper(spent, delta) + eps, delta, stage="evaluate",
+                                   param="noisy_val_eps", given=eps, what="its reserved noisy-val release")
+    return GaussianEvent(stage="evaluate", noise_multiplier=float(sigma), note=f"{NOTE} {RESERVED}")
 
 
 def charge_event(eps: float, noise: str, num_counts: int, spent: list[PrivacyEvent], delta: float) -> PrivacyEvent:
@@ -57,7 +59,8 @@ def charge_event(eps: float, noise: str, num_counts: int, spent: list[PrivacyEve
         raise BadInput(f"noisy-val needs at least one count to release, got {num_counts}")
     if noise == "laplace":
         return LaplaceEvent(stage="evaluate", epsilon0=float(eps) / num_counts, steps=int(num_counts), note=NOTE)
-    sigma = gaussian_release_sigma(spent, epsilon_upper(spent, delta) + eps, delta, stage="evaluate")
+    sigma = gaussian_release_sigma(spent, epsilon_upper(spent, delta) + eps, delta, stage="evaluate",
+                                   param="val_eps", given=eps, what="its noisy-val counts")
     return GaussianEvent(stage="evaluate", noise_multiplier=float(sigma), note=NOTE)
 
 

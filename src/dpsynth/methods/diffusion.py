@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
-from ..errors import BudgetExhausted
+from dataclasses import replace
+
 from ..mechanisms.central_images import central_sample_rate, noisy_central_images
 from ..models.edm import EDMConfig, EDMDiffusion
-from ..privacy.accountant import compose_epsilon
+from ..privacy.accountant import compose_epsilon, epsilon_upper
+from ..privacy.calibration import smallest_sigma
+from ..privacy.refusal import Shortfall, budget_refusal, round_up
 from ..privacy.events import PoissonGaussianEvent
 from ..validation import check_positive
 from .base import Method, PrivatePlan
@@ -65,8 +68,7 @@ class DPFETA(DiffusionMethod):
                                      steps=int(queries), note="dp-feta: central images (noisy class means)")
         after = compose_epsilon([*spent, event], delta)
         if target is not None and after.upper > target:
-            raise BudgetExhausted(f"central images (central_sigma={sigma}) would bring epsilon to {after.upper:.3f}, "
-                                  f"over the run's target {target}; raise central_sigma")
+            raise _central_refusal(event, spent, delta, float(target))
         return PrivatePlan(events=(event,), settings={"central_sigma": float(sigma), "central_queries": int(queries),
                                                       "central_sample_rate": q, "dataset_size": dataset_size})
 
@@ -80,3 +82,19 @@ class DPFETA(DiffusionMethod):
 
 for _cls in (DPDM, PDPDiffusion, PrivImage, DPFETA):
     register_method(_cls)
+
+
+def _central_refusal(event: PoissonGaussianEvent, spent: list, delta: float, target: float):
+    """The central images would pass the run's target (set by an earlier finetune): the least
+    `central_sigma` that fits it, or a new run, where pretrain comes before finetune's target."""
+    needed = smallest_sigma(lambda s: epsilon_upper([*spent, replace(event, noise_multiplier=s)], delta), target,
+                            event.noise_multiplier, 1e4)
+    what = (f"its central images ({event.steps} queries at sample rate {event.sample_rate:.4g}, "
+            f"`central_sigma` {event.noise_multiplier:g})")
+    shortfall = Shortfall(stage="pretrain", target=target, delta=delta, spent=tuple(spent), planned=(event,),
+                          what=what, param=None)
+    return budget_refusal(shortfall, [
+        f"in this run: pretrain `central_sigma` {round_up(needed):g} or more (the least noise that fits)"
+        if needed is not None else None,
+        "or, in a new `run` directory, pretrain first, then finetune with the `eps` you want: its calibration "
+        "leaves room for the central images"])

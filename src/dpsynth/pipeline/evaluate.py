@@ -33,10 +33,11 @@ from ..evaluation.fld import fld
 from ..evaluation.inception_score import inception_score
 from ..evaluation.manifold import precision_recall
 from ..evaluation.selection import DP_SAFE, NOISY_VAL, PROTOCOLS, TEST_SET, check_protocol
-from ..mechanisms.noisy_val import charge_event, check_noise, noise_rng, noisy_val_scale
+from ..mechanisms.noisy_val import RESERVED, charge_event, check_noise, noise_rng, noisy_val_scale
 from ..evaluation.results import NoisyVal
 from ..evaluation.utility import evaluate_protocols, parse_classifiers
-from ..privacy.accountant import compose_epsilon
+from ..privacy.accountant import compose_epsilon, epsilon_upper
+from ..privacy.refusal import Shortfall, budget_refusal, round_down
 from ..privacy.events import event_from_dict
 from .rundir import RunDir, now
 from ..validation import check_positive
@@ -49,7 +50,6 @@ from .sensitive_test import describe as describe_test, load_sensitive_test, no_t
 from ..training.device import resolve_device
 
 DEFAULT_FEATURE_PUBLIC = "mnist5k"
-RESERVED = "(reserved at run creation)"
 FIDELITY_ONLY = "fidelity-only"  # results key of an evaluation that trains no classifier
 IMAGE_REWARD_UNAVAILABLE = ("unavailable: ImageReward needs its reward model (ImageReward-v1.0) and BLIP/BERT "
                             "weights from Hugging Face, which this offline machine cannot fetch; it also scores "
@@ -110,7 +110,7 @@ def run_evaluate(run_path: str | Path, *, protocol: str = DP_SAFE, classifier: s
             if not compare_protocols:
                 raise
             protocols.remove(NOISY_VAL)  # a comparison still runs the two protocols that cost nothing
-            unavailable[NOISY_VAL] = f"unavailable: {exc}"
+            unavailable[NOISY_VAL] = f"unavailable: {exc.one_line}"
     real = load_sensitive(settings)  # the training set, for fidelity; checked before anything is written
     check_same_data(run, real)
     # A user-given test set is checked against the training set now, so a mismatch writes nothing; it is
@@ -173,22 +173,56 @@ def _plan_noisy_val(run: RunDir, num_counts: int, val_eps: float | None, noise: 
     if reserved is not None:
         return {"event": reserved, "new": False, "noise": "gaussian", "scale": noisy_val_scale(reserved, num_counts),
                 "num_counts": num_counts, "epsilon_after": run.manifest["privacy"]["epsilon"]}
-    if val_eps is None:
-        raise BudgetExhausted("noisy-val needs privacy budget: this run reserved none (or used it); pass "
-                              "`val_eps` EPS (it must fit the run's target epsilon) or create the run with "
-                              "`holdout` F `noisy_val_eps` EPS so fine-tuning leaves room for it")
     target = run.manifest["privacy"].get("target_epsilon")
     spent = run.events()
+    if val_eps is None:
+        room = _largest_val_eps(run, spent, target, num_counts, noise)
+        raise budget_refusal(
+            Shortfall(stage=STAGE, target=float(target) if target is not None else 0.0, delta=run.delta,
+                      spent=tuple(spent), planned=(), what="noisy-val", param=None),
+            [f"pass `val_eps` {room:g} or less: the most that fits the run's target ε={target:g}" if room else None,
+             *_noisy_val_alternatives()],
+            headline=f"noisy-val needs privacy budget, and this run reserved none (or used it): it has spent "
+                     f"ε={epsilon_upper(spent, run.delta):.3f} of "
+                     + (f"its target ε={target:g}" if target is not None else "no target yet (finetune sets it)")
+                     + f" (δ={run.delta:.3g})")
     event = charge_event(val_eps, noise, num_counts, spent, run.delta)
     after = compose_epsilon([*spent, event], run.delta)
     if target is None or after.upper > float(target):
-        limit = "has no target epsilon (finetune sets it)" if target is None else f"has target epsilon {target:g}"
-        raise BudgetExhausted(
-            f"val_eps={val_eps:g} would take the run's epsilon from {run.manifest['privacy']['epsilon']:.3f} to "
-            f"{after.upper:.3f}, but the run {limit}; reserve noisy-val budget at run creation "
-            f"(`holdout` F `noisy_val_eps` EPS) or use `protocol` dp-safe-selection (free)")
+        room = _largest_val_eps(run, spent, target, num_counts, noise)
+        what = f"its {num_counts} noisy-val counts ({noise}, `val_eps` {val_eps:g})"
+        shortfall = Shortfall(stage=STAGE, target=float(target) if target is not None else 0.0, delta=run.delta,
+                              spent=tuple(spent), planned=(event,), what=what, param=None)
+        raise budget_refusal(shortfall, [
+            f"in this run: `val_eps` {room:g} or less (the most that fits)" if room else None,
+            *_noisy_val_alternatives()],
+            headline=None if target is not None else
+            f"{STAGE} cannot charge {what}: the run has no target ε yet (finetune sets it)")
     return {"event": event, "new": True, "noise": noise, "scale": noisy_val_scale(event, num_counts),
             "num_counts": num_counts, "after": after, "epsilon_after": after.upper}
+
+
+def _noisy_val_alternatives() -> list[str]:
+    return ["or, in a new `run` directory, reserve it at creation (`holdout` 0.1 `noisy_val_eps` EPS): "
+            "finetune's calibration then leaves room for it",
+            "or use `protocol` dp-safe-selection, which costs nothing"]
+
+
+def _largest_val_eps(run: RunDir, spent: list, target, num_counts: int, noise: str) -> float | None:
+    """The largest `val_eps` (2 significant digits) whose event keeps the ledger within the run's target."""
+    if target is None:
+        return None
+    room = round_down(float(target) - epsilon_upper(spent, run.delta))
+    for _ in range(8):  # Gaussian fits at once (its calibration caps the rise); Laplace is checked
+        if room <= 0:
+            return None
+        try:
+            if epsilon_upper([*spent, charge_event(room, noise, num_counts, spent, run.delta)], run.delta) <= target:
+                return room
+        except BudgetExhausted:
+            pass
+        room = round_down(room * 0.8)
+    return None
 
 
 def _charge(run: RunDir, plan: dict, holdout) -> NoisyVal:

@@ -29,6 +29,7 @@ from ..training.dpsgd import check_secure_available
 from ..training.options import FinetuneOptions, check_values, resolve_options
 from ..validation import check_positive
 from . import checkpoints
+from .budget_advice import run_budget_options
 from .common import DataSettings, declared_size, open_or_create_run, torch_bytes, torch_load_bytes
 from .lifecycle import stage_run
 from .names import FINETUNE as STAGE, GENERATOR, PRETRAIN as PRETRAIN_STAGE, PRETRAINED
@@ -63,8 +64,9 @@ def run_finetune(run_path: str | Path, settings: DataSettings | None = None, *, 
         plan = PrivatePlan(events=events, settings=dict(recorded["plan"]))
         ledger = spent
     else:
-        plan = method_obj.plan_private(dataset_size=declared_size(run), opts=opts, spent=spent, eps=eps,
-                                       delta=run.delta)
+        with run_budget_options(run, method_obj, STAGE):  # a refusal names what would fit, in this run or a new one
+            plan = method_obj.plan_private(dataset_size=declared_size(run), opts=opts, spent=spent, eps=eps,
+                                           delta=run.delta)
         if not plan.events:
             raise AssertionError(f"{method_obj.name} planned no privacy event but reads the sensitive set")
         ledger = [*spent, *plan.events]

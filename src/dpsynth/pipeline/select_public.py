@@ -59,7 +59,8 @@ def run_select_public(run_path: str | Path, settings: DataSettings, *, sigma: fl
         raise BadInput(f"select={n_select} must be between 1 and {public.num_classes} (public classes)")
     if eps_query is not None:
         sigma = gaussian_release_sigma(run.events(), epsilon_upper(run.events(), run.delta) + eps_query,
-                                       run.delta, stage=STAGE)
+                                       run.delta, stage=STAGE, param="eps_query", given=eps_query,
+                                       what="its query")
 
     net, net_identity = query_net_for(public, seed=settings.seed, progress=progress)
     topk = predict_topk(net, sensitive.images, top_k)

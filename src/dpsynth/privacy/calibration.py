@@ -11,43 +11,57 @@ from __future__ import annotations
 import math
 from typing import Callable, Sequence
 
-from ..errors import BudgetExhausted
 from ..validation import check_positive
 from .accountant import epsilon_upper
 from .events import PrivacyEvent
+from .refusal import Shortfall, default_refusal
 
 
 def calibrate_sigma(spent: Sequence[PrivacyEvent], target_epsilon: float, delta: float,
                     events_at: Callable[[float], list[PrivacyEvent]], *, sigma_min: float = 0.4, sigma_max: float = 500.0,
-                    rel_tol: float = 2e-3, too_little: str = "", advice: str = "use a larger `eps`") -> float:
+                    rel_tol: float = 2e-3, what: str = "its events", advice: str = "",
+                    param: str = "eps", given: float | None = None) -> float:
     """Smallest sigma (to rel_tol) such that the PRV upper bound of `spent + events_at(sigma)`
     is <= target_epsilon, for any mechanism whose events all get noisier as sigma grows.
     `sigma_min` bounds the search from below: PRV's grid for a subsampled Gaussian far below
     sigma 0.4 takes gigabytes; a full-data Gaussian release can pass a lower one.
 
     Bisection on log(sigma); epsilon decreases monotonically in sigma. The returned
-    value always satisfies the target (we keep the feasible end of the bracket).
+    value always satisfies the target (we keep the feasible end of the bracket). When even
+    `sigma_max` does not fit, BudgetExhausted carries the `Shortfall` (privacy.refusal):
+    `what` the events are, `advice` how to make them cheaper, `param`/`given` the parameter
+    that set the target and its value (default: `eps`, the target itself).
     """
-    check_positive("eps", target_epsilon)
-    already = epsilon_upper(spent, delta)
-    if already >= target_epsilon:
-        raise BudgetExhausted(
-            f"the run has already spent epsilon={already:.3f} of the target eps={target_epsilon:g}; "
-            f"raise `eps` or start a new run directory")
+    check_positive(param, target_epsilon if given is None else given)
 
     def eps_at(sigma: float) -> float:
         return epsilon_upper([*spent, *events_at(sigma)], delta)
 
-    if eps_at(sigma_max) > target_epsilon:
-        raise BudgetExhausted(
-            f"even noise_multiplier={sigma_max:g} exceeds eps={target_epsilon:g} {too_little} "
-            f"(already spent {already:.3f}); {advice}")
-    lo, hi = sigma_min, sigma_max
-    if eps_at(lo) <= target_epsilon:
+    already = epsilon_upper(spent, delta)
+    if already >= target_epsilon or eps_at(sigma_max) > target_epsilon:
+        planned = tuple(events_at(sigma_max))
+        raise default_refusal(Shortfall(
+            stage=planned[0].stage if planned else "this stage", target=target_epsilon, delta=delta,
+            spent=tuple(spent), planned=planned, what=what, param=param,
+            given=target_epsilon if given is None else given,
+            noise=f"noise σ={sigma_max:g}, the most calibration tries", advice=advice,
+            events_at=events_at, sigma_range=(sigma_min, sigma_max)))
+    sigma = smallest_sigma(lambda s: eps_at(s), target_epsilon, sigma_min, sigma_max, rel_tol)
+    assert sigma is not None  # sigma_max fits (checked above)
+    return sigma
+
+
+def smallest_sigma(eps_at: Callable[[float], float], target: float, lo: float, hi: float,
+                   rel_tol: float = 2e-3) -> float | None:
+    """Smallest sigma in [lo, hi] (to rel_tol, on log sigma) with eps_at(sigma) <= target, or None
+    if even hi does not fit. eps_at must decrease in sigma; the result always fits."""
+    if eps_at(hi) > target:
+        return None
+    if eps_at(lo) <= target:
         return lo
     while hi / lo > 1 + rel_tol:
         mid = math.sqrt(lo * hi)
-        if eps_at(mid) <= target_epsilon:
+        if eps_at(mid) <= target:
             hi = mid
         else:
             lo = mid

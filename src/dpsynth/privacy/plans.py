@@ -149,24 +149,26 @@ def calibrate_private_optimizer(kind: str, spent: Sequence[PrivacyEvent], target
     check_private_optimizer(kind, feedback_clip=feedback_clip)
     if kind == "efsgd":
         check_feedback_clip(feedback_clip)
-        too_little, advice = (f"for {steps} EFSGD steps (its error feedback is not subsampled)",
+        what, advice = (f"its {steps} EFSGD steps (error feedback not subsampled)",
                               "use a smaller `feedback_clip`, fewer `epochs` or a larger `eps`")
     else:
-        too_little, advice = (f"for {steps} steps at sample rate {sample_rate:.4g}",
+        what, advice = (f"its {steps} steps at sample rate {sample_rate:.4g}",
                               "use fewer `epochs`, a smaller `batch_size`, or a larger `eps`")
     return calibrate_sigma(
         spent, target_epsilon, delta,
         lambda sigma: private_optimizer_events(kind, stage, noise_multiplier=sigma, sample_rate=sample_rate,
                                                steps=steps, clip=clip, feedback_clip=feedback_clip),
-        sigma_min=0.4, sigma_max=500.0 if kind == "efsgd" else 200.0, too_little=too_little, advice=advice)
+        sigma_min=0.4, sigma_max=500.0 if kind == "efsgd" else 200.0, what=what, advice=advice)
 
 
 def gaussian_release_sigma(spent: Sequence[PrivacyEvent], target_epsilon: float, delta: float, *, stage: str,
-                           note: str = "") -> float:
-    """Noise multiplier of one full-data Gaussian release so the ledger stays <= target."""
+                           note: str = "", param: str = "eps", given: float | None = None,
+                           what: str = "its Gaussian release") -> float:
+    """Noise multiplier of one full-data Gaussian release so the ledger stays <= target
+    (`param`/`given`: the parameter that set the target, as in `calibrate_sigma`)."""
     return calibrate_sigma(spent, target_epsilon, delta,
                            lambda sigma: [GaussianEvent(stage=stage, noise_multiplier=sigma, note=note)],
-                           sigma_min=0.05, sigma_max=200.0)
+                           sigma_min=0.05, sigma_max=200.0, param=param, given=given, what=what)
 
 
 def calibrate_shard_gaussian(spent: Sequence[PrivacyEvent], target_epsilon: float, delta: float, *,
@@ -194,5 +196,5 @@ def calibrate_shard_gaussian(spent: Sequence[PrivacyEvent], target_epsilon: floa
     while lo > 0.1 and epsilon_upper([*spent, *events_at(lo)], delta) <= target_epsilon:
         lo, hi = lo / 2.0, lo  # keep the bracket's low end infeasible, so the result is the smallest sigma
     return calibrate_sigma(spent, target_epsilon, delta, events_at, sigma_min=lo, sigma_max=hi, rel_tol=rel_tol,
-                           too_little=f"for {steps} steps over {shards} shards",
+                           what=f"its {steps} steps over {shards} shards",
                            advice="use fewer `iterations`, more `discriminators`, or a larger `eps`")

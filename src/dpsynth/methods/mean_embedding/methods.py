@@ -121,7 +121,7 @@ class SingleReleaseMethod(MeanEmbeddingMethod):
         self.check_opts(opts)
         if dataset_size < 1:
             raise BadInput(f"sensitive dataset is empty (size {dataset_size})")
-        sigma = gaussian_release_sigma(spent, eps, delta, stage=STAGE)
+        sigma = gaussian_release_sigma(spent, eps, delta, stage=STAGE, what="its one embedding release")
         event = GaussianEvent(stage=STAGE, noise_multiplier=sigma,
                               note=f"{self.name}: one release of the embedding sum over all images; {SENSITIVITY_NOTE}")
         steps = opts.epochs * math.ceil(dataset_size / opts.batch_size)
@@ -226,7 +226,9 @@ class DPKernel(MeanEmbeddingMethod):
             return [PoissonGaussianEvent(stage=STAGE, noise_multiplier=sigma, sample_rate=rate, steps=iterations,
                                          note=f"dp-kernel: embedding sum of each Poisson batch; {SENSITIVITY_NOTE}")]
 
-        sigma = calibrate_sigma(spent, eps, delta, events_at, sigma_min=0.4, sigma_max=200.0)
+        sigma = calibrate_sigma(spent, eps, delta, events_at, sigma_min=0.4, sigma_max=200.0,
+                                what=f"its {iterations} releases at sample rate {rate:.4g}",
+                                advice="use fewer `epochs` or a smaller `batch_size`")
         (event,) = events_at(sigma)
         return PrivatePlan(events=(event,), settings={"noise_multiplier": sigma, "sample_rate": rate,
                                                       "dataset_size": dataset_size,
