@@ -41,7 +41,7 @@ def command(
 
     config = AuditConfig(claimed_epsilon=eps, delta=delta, canaries=canaries, epochs=epochs, batch_size=batch_size,
                          alpha=alpha, seed=seed, noise=not no_noise, noise_scale=noise_scale, noise_alpha=noise_alpha)
-    with progress_bars(quiet or json_out) as progress:
+    with progress_bars(quiet or json_out, "audit") as progress:
         result = run_audit(config, progress=progress)
     record = result.to_dict()
     if out is not None:

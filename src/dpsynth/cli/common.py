@@ -23,7 +23,8 @@ err = Console(stderr=True)
 
 RunOpt = typer.Option(os.environ.get("DPSYNTH_RUN", DEFAULT_RUN), "--run", "-r",
                       help="Run directory (default $DPSYNTH_RUN or runs/latest).")
-QuietOpt = typer.Option(False, "--quiet", "-q", help="No progress bars.")
+QuietOpt = typer.Option(False, "--quiet", "-q", help="No progress output (bars on a terminal, plain lines "
+                                                       "otherwise); also $DPSYNTH_QUIET=1.")
 JsonOpt = typer.Option(False, "--json", help="Print machine-readable JSON on stdout.")
 SensitiveOpt = typer.Option(None, "--sensitive", help="Sensitive dataset name, imagefolder:PATH or npz:PATH (new runs).")
 PublicOpt = typer.Option(None, "--public", help="Public dataset name (labelled).")
@@ -51,11 +52,22 @@ SensitiveTestOpt = typer.Option(None, "--sensitive-test", help="New runs: labell
 
 
 @contextlib.contextmanager
-def progress_bars(quiet: bool) -> Iterator:
-    """Yields a callback with the library's one progress signature (`dpsynth.progress`);
-    silent when quiet or not a TTY."""
-    if quiet or not err.is_terminal:
+def progress_bars(quiet: bool, stage: str = "dpsynth") -> Iterator:
+    """Yields a callback with the library's one progress signature (`dpsynth.progress`): rich
+    bars on a terminal, plain lines (`progress_lines`) on any other stderr; silent when quiet
+    (or $DPSYNTH_QUIET=1)."""
+    from .progress_lines import ProgressLines, interval_from_env, quiet_from_env
+
+    if quiet or quiet_from_env():
         yield no_progress
+        return
+    if not err.is_terminal:
+        def write(line: str) -> None:  # not through rich: it would wrap the line at 80 columns
+            sys.stderr.write(line + "\n")
+            sys.stderr.flush()
+
+        with ProgressLines(stage, write, interval=interval_from_env()).running() as lines:
+            yield lines
         return
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                TimeRemainingColumn())

@@ -44,7 +44,7 @@ def command(
 ) -> None:
     """Train classifiers on the synthetic set, select checkpoints by the protocol, report real-test accuracy
     and FID, KID, IS, precision/recall and FLD against the sensitive training set."""
-    with progress_bars(quiet or json_out) as progress:
+    with progress_bars(quiet or json_out, "evaluate") as progress:
         result = run_evaluate(run, protocol=protocol, classifier=classifier, epochs=epochs,
                               feature_public=feature_public, compare_protocols=compare_protocols,
                               val_eps=val_eps, val_noise=val_noise, inception_weights=inception_weights,

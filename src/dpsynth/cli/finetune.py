@@ -47,7 +47,7 @@ def command(
 ) -> None:
     """Private fine-tuning (DP-SGD or the method's own mechanism); noise is solved so ledger + these steps
     stay <= --eps."""
-    with progress_bars(quiet or json_out) as progress:
+    with progress_bars(quiet or json_out, "finetune") as progress:
         options = FinetuneOptions(epochs=epochs, batch_size=batch_size, clip=clip, lr=lr,
                                   grad_sample_mode=grad_sample_mode, noise_multiplicity=noise_multiplicity,
                                   physical_batch_size=physical_batch_size, ema=ema,

@@ -19,7 +19,7 @@ def command(n: int = typer.Option(10000, "--n", help="Number of images (class-ba
             ema: bool = typer.Option(True, "--ema/--no-ema", help="Use the EMA weights when the run has them."),
             device: str = DeviceOpt, run: str = RunOpt, quiet: bool = QuietOpt, json_out: bool = JsonOpt) -> None:
     """Sample the fine-tuned generator (post-processing: no privacy cost)."""
-    with progress_bars(quiet or json_out) as progress:
+    with progress_bars(quiet or json_out, "generate") as progress:
         result = run_generate(run, n=n, seed=seed, batch_size=batch_size, steps=steps, guidance=guidance,
                               device=device, use_ema=ema, progress=progress)
     emit(result, json_out, f"generate → {run}")

@@ -25,7 +25,7 @@ def command(
 ) -> None:
     """Pretrain on the public subset chosen by select-public (or the whole public set), or warm up on DP-FETA's
     central images (a privacy event)."""
-    with progress_bars(quiet or json_out) as progress:
+    with progress_bars(quiet or json_out, "pretrain") as progress:
         result = run_pretrain(run, settings, epochs=epochs, batch_size=batch_size, lr=lr, method=method,
                               delta=delta, arch=arch, device=device, central_sigma=central_sigma,
                               central_queries=central_queries, central_batch=central_batch, augment=augment,

@@ -20,7 +20,7 @@ def command(
     quiet: bool = QuietOpt, json_out: bool = JsonOpt, settings=None,
 ) -> None:
     """Label the sensitive set with public classes, release a noisy histogram, select public data."""
-    with progress_bars(quiet or json_out) as progress:
+    with progress_bars(quiet or json_out, "select-public") as progress:
         result = run_select_public(run, settings, sigma=sigma, eps_query=eps_query, top_k=top_k, select=select,
                                    delta=delta, method=method, progress=progress)
     emit(result, json_out, f"select-public → {run}")
