@@ -7,12 +7,13 @@ the Gaussian noise scale sigma * sqrt(K), and the order of logged dataset access
 """
 
 import math
+import re
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
-from prv_accountant import GaussianMechanism, PRVAccountant
+from prv_accountant import GaussianMechanism, LaplaceMechanism, PRVAccountant
 
 from cli_helpers import snapshot
 from dpsynth.data import load_dataset
@@ -121,9 +122,18 @@ def test_noisy_val_spends_the_reservation_once_then_refuses_without_budget(run, 
     before = snapshot(run.path)
     with pytest.raises(BudgetExhausted, match="reserved none"):
         evaluate_stage.run_evaluate(run.path, protocol="noisy-val", epochs=2)
-    with pytest.raises(BudgetExhausted, match="cannot run within the run's target"):
+    with pytest.raises(BudgetExhausted, match="cannot run within the run's target") as refused:
         evaluate_stage.run_evaluate(run.path, protocol="noisy-val", epochs=2, val_eps=5.0)
     assert snapshot(run.path) == before
+    # Its first option, the largest `val_eps` that fits, really plans within the target (prv-accountant directly).
+    room = float(re.search(r"in this run: `val_eps` (\S+) or less", str(refused.value)).group(1))
+    planned = evaluate_stage._plan_noisy_val(RunDir.open(run.path), 2, room, "laplace")["event"]
+    privacy = RunDir.open(run.path).manifest["privacy"]
+    prvs = [GaussianMechanism(e["noise_multiplier"]) for e in events_before] + [LaplaceMechanism(planned.epsilon0)]
+    counts = [1] * len(events_before) + [planned.steps]
+    reference = PRVAccountant(prvs=prvs, max_self_compositions=counts, eps_error=0.01,
+                              delta_error=privacy["delta"] / 1000).compute_epsilon(privacy["delta"], counts)[2]
+    assert planned.steps == 2 and room > 0 and reference <= privacy["target_epsilon"]
     # A comparison still runs the two free protocols and says why noisy-val is missing.
     compared = evaluate_stage.run_evaluate(run.path, compare_protocols=True, epochs=1, batch_size=128)
     assert compared["noisy-val"].startswith("unavailable: ") and "reserved none" in compared["noisy-val"]
