@@ -14,7 +14,8 @@ def describe() -> list[dict]:
         rows.append({
             "method": name, "description": cls.description,
             "select_public": cls.uses_public_selection,
-            "pretrain": "public" if cls.uses_pretraining else "DP central images" if cls.uses_central_warmup else None,
+            "pretrain": ("public" if cls.uses_pretraining else
+                         getattr(cls, "warmup_summary", "DP central images") if cls.uses_central_warmup else None),
             "finetune": "own mechanism" if cls.own_mechanism else "DP-SGD",
             "options": sorted(k for k in defaults if k != "train_opts"),
             "train_opts": dict(defaults.get("train_opts") or {}),

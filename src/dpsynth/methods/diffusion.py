@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-from ..errors import BudgetExhausted
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import BadInput, BudgetExhausted
 from ..mechanisms.central_images import central_sample_rate, noisy_central_images
 from ..models.edm import EDMConfig, EDMDiffusion
 from ..privacy.accountant import compose_epsilon
@@ -46,36 +50,94 @@ class PrivImage(DiffusionMethod):
     uses_public_selection = uses_pretraining = True
 
 
+@dataclass(frozen=True)
+class WarmupSet:
+    """One released (DP) labelled image set the diffusion model warms up on, with its schedule."""
+
+    name: str
+    images: torch.Tensor  # uint8 (N, C, H, W)
+    labels: torch.Tensor
+    epochs: int
+    batch_size: int
+    augment: bool
+
+
+@dataclass(frozen=True)
+class WarmupRelease:
+    """What a private warm-up released, all of it DP output: the sets in training order, the
+    central images (saved as an artifact) and FETA-Pro's auxiliary generator (saved too)."""
+
+    sets: tuple[WarmupSet, ...]
+    central: tuple[torch.Tensor, torch.Tensor] | None = None
+    auxiliary: torch.nn.Module | None = None
+
+
+def check_within_target(spent: list, events: list, delta: float, target: float | None, what: str, hint: str) -> None:
+    """Refuse (before anything is written) warm-up releases that would pass the run's target."""
+    after = compose_epsilon([*spent, *events], delta)
+    if target is not None and after.upper > target:
+        raise BudgetExhausted(f"{what} would bring epsilon to {after.upper:.3f}, over the run's target {target}; "
+                              f"{hint}")
+
+
 class DPFETA(DiffusionMethod):
     name = "dp-feta"
     description = "DP-FETA: warm-up on DP central images (noisy class means), then DP-SGD"
     uses_central_warmup = True
+    warmup_summary = "DP central images"  # `dpsynth methods`' pretrain column
     # DP-FETA's warm-up: 2000 steps of batch 50 on 50 central images, Adam 3e-4.
     pretrain_defaults = {"epochs": 2000, "batch_size": 50, "lr": 3e-4}
+    # pretrain options beyond the central images' (FETA-Pro's frequency warm-up); none here.
+    warmup_defaults: dict = {}
 
-    def plan_warmup(self, *, dataset_size: int, sigma: float, queries: int, batch: int, spent: list,
-                    delta: float, target: float | None) -> PrivatePlan:
-        """The central-image release: `queries` Poisson batches of expected size `batch`, noise
-        multiplier `sigma`, as one PoissonGaussianEvent; refused when it would pass `target`."""
+    def warmup_options(self, given: dict) -> dict:
+        """The method's own warm-up options: `given` (None values dropped) over its defaults;
+        an option the method does not take is refused by name."""
+        given = {k: v for k, v in given.items() if v is not None}
+        unknown = sorted(set(given) - set(self.warmup_defaults))
+        if unknown:
+            raise BadInput(f"`{unknown[0]}` is not an option of {self.name}'s warm-up; drop it")
+        return {**self.warmup_defaults, **given}
+
+    @staticmethod
+    def central_event(*, dataset_size: int, sigma: float, queries: int, batch: int, note: str) -> PoissonGaussianEvent:
         check_positive("central_sigma", sigma)
         check_positive("central_queries", queries, integer=True)
         check_positive("central_batch", batch, integer=True)
-        q = central_sample_rate(dataset_size, batch)
-        event = PoissonGaussianEvent(stage="pretrain", noise_multiplier=float(sigma), sample_rate=q,
-                                     steps=int(queries), note="dp-feta: central images (noisy class means)")
-        after = compose_epsilon([*spent, event], delta)
-        if target is not None and after.upper > target:
-            raise BudgetExhausted(f"central images (central_sigma={sigma}) would bring epsilon to {after.upper:.3f}, "
-                                  f"over the run's target {target}; raise central_sigma")
-        return PrivatePlan(events=(event,), settings={"central_sigma": float(sigma), "central_queries": int(queries),
-                                                      "central_sample_rate": q, "dataset_size": dataset_size})
+        return PoissonGaussianEvent(stage="pretrain", noise_multiplier=float(sigma),
+                                    sample_rate=central_sample_rate(dataset_size, batch), steps=int(queries),
+                                    note=note)
 
-    def release_warmup(self, images, labels, num_classes: int, *, plan: PrivatePlan):
-        """Run exactly the planned release (already in the ledger): the noisy central images."""
+    def plan_warmup(self, *, dataset_size: int, sigma: float, queries: int, batch: int, spent: list,
+                    delta: float, target: float | None, epochs: int, batch_size: int, augment: bool,
+                    options: dict | None = None) -> PrivatePlan:
+        """The central-image release: `queries` Poisson batches of expected size `batch`, noise
+        multiplier `sigma`, as one PoissonGaussianEvent; refused when it would pass `target`.
+        `epochs`, `batch_size`, `augment`: the warm-up on them (post-processing)."""
+        self.warmup_options(options or {})
+        event = self.central_event(dataset_size=dataset_size, sigma=sigma, queries=queries, batch=batch,
+                                   note="dp-feta: central images (noisy class means)")
+        check_within_target(spent, [event], delta, target, f"central images (central_sigma={sigma})",
+                            "raise `central_sigma`")
+        return PrivatePlan(events=(event,), settings={
+            "central_sigma": float(sigma), "central_queries": int(queries), "central_sample_rate": event.sample_rate,
+            "dataset_size": dataset_size, "central_epochs": int(epochs), "central_batch_size": int(batch_size),
+            "augment": bool(augment)})
+
+    def release_central(self, images, labels, num_classes: int, *, plan: PrivatePlan):
         s = plan.settings
         return noisy_central_images(images, labels, num_classes, noise_multiplier=s["central_sigma"],
                                     sample_rate=s["central_sample_rate"], queries=s["central_queries"],
                                     dataset_size=s["dataset_size"])
+
+    def release_warmup(self, images, labels, num_classes: int, *, plan: PrivatePlan, device=None,
+                       progress=None) -> WarmupRelease:
+        """Run exactly the planned release (already in the ledger): the noisy central images."""
+        central, central_labels = self.release_central(images, labels, num_classes, plan=plan)
+        s = plan.settings
+        warm = WarmupSet("central images", central, central_labels, s["central_epochs"], s["central_batch_size"],
+                         s["augment"])
+        return WarmupRelease(sets=(warm,), central=(central, central_labels))
 
 
 for _cls in (DPDM, PDPDiffusion, PrivImage, DPFETA):
