@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -182,3 +183,18 @@ def test_all_five_stages_through_the_cli(tmp_path, capsys):
     central = np.load(tmp_path / "run" / "central_images.npz")
     assert central["images"].shape == (50, 1, 8, 8)  # 5 queries x 10 classes
     assert np.load(tmp_path / "run" / "synthetic.npz")["images"].shape == (120, 1, 8, 8)
+
+
+RECIPES = sorted((Path(__file__).parent.parent / "recipes" / "feta-pro").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
+def test_every_feta_pro_recipe_passes_the_warmup_checks(path):
+    recipe = yaml.safe_load(path.read_text())
+    pre = recipe["pretrain"]
+    options = get_method("feta-pro").warmup_options({
+        "freq_sigma": pre["freq-sigma"], "warmup_order": pre["warmup-order"], "freq_epochs": pre["freq-epochs"],
+        "freq_batch_size": pre["freq-batch-size"], "aux_opts": pre["aux-opts"]})
+    assert options["warmup_order"] == "time_freq"
+    assert recipe["finetune"]["eps"] in (1, 10) and pre["central-queries"] == 5 and pre["central-batch"] == 6000
+    assert ("-eps1" in path.name) == (recipe["finetune"]["eps"] == 1)
