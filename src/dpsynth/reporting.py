@@ -30,10 +30,10 @@ FIDELITY = ("fid", "kid", "precision", "recall", "fld", "is")
 DOMAIN_COLUMNS = tuple(f"{m}_domain" for m in FIDELITY)
 INCEPTION_COLUMNS = tuple(f"{m}_inception" for m in FIDELITY)
 COLUMNS = ("run", "run_id", "method", "sensitive", "epsilon", "delta", "accountant", "protocol", "dp_safe",
-           "classifier", "accuracy", "accuracy_mean", "best_classifier", *DOMAIN_COLUMNS, *INCEPTION_COLUMNS,
-           "image_reward", "feature_network", "n_synthetic", "test_set")
-RESULT_KEYS = ("protocol", "dp_safe", "classifier", "accuracy", "accuracy_mean", "best_classifier", *DOMAIN_COLUMNS,
-               *INCEPTION_COLUMNS, "image_reward", "feature_network", "n_synthetic", "test_set")
+           "classifier", "accuracy", "accuracy_mean", "accuracy_best", "best_classifier", *DOMAIN_COLUMNS,
+           *INCEPTION_COLUMNS, "image_reward", "feature_network", "n_synthetic", "test_set")
+RESULT_KEYS = ("protocol", "dp_safe", "classifier", "accuracy", "accuracy_mean", "accuracy_best", "best_classifier",
+               *DOMAIN_COLUMNS, *INCEPTION_COLUMNS, "image_reward", "feature_network", "n_synthetic", "test_set")
 NOT_EVALUATED = "(not evaluated)"
 PER_CLASSIFIER = "accuracy_"  # prefix of one column per classifier
 NOT_DP_PROTOCOL = "test-set-selection"
@@ -47,11 +47,11 @@ PRIVACY_UTILITY_PNG = "privacy_utility.png"
 CLASS_COUNTS_PNG = "class_counts.png"
 
 # Columns of the printed (markdown) table: `run` is the path (in csv/json), and dp_safe is folded
-# into the protocol label so a non-DP row cannot be read without its mark. `accuracy` is the best
-# over the classifiers (DPImageBench's tables), `accuracy_mean` their mean. Inception columns are
-# shown only when some run has them.
+# into the protocol label so a non-DP row cannot be read without its mark. `accuracy` is the mean
+# over the classifiers (as DPImageBench's tables combine them), `accuracy_best` the best one.
+# Inception columns are shown only when some run has them.
 _DISPLAY = ("run_id", "method", "sensitive", "epsilon", "delta", "protocol", "classifier", "accuracy",
-            "accuracy_mean", *DOMAIN_COLUMNS, *INCEPTION_COLUMNS, "n_synthetic", "feature_network")
+            "accuracy_best", *DOMAIN_COLUMNS, *INCEPTION_COLUMNS, "n_synthetic", "feature_network")
 
 
 @dataclass
@@ -127,6 +127,9 @@ def _rows(path: Path, run: RunDir) -> list[dict]:
         if not isinstance(result, dict):
             raise RunDirError(f"manifest {run.path / MANIFEST} is invalid: results[{name!r}] is not a mapping")
         row = {**base, **{key: _value(result.get(key)) for key in RESULT_KEYS}}
+        if "accuracy_best" not in result and "accuracy_mean" in result:
+            # Written before the headline became the mean: there `accuracy` was the best classifier's.
+            row["accuracy_best"], row["accuracy"] = row["accuracy"], row["accuracy_mean"]
         per_classifier = result.get("per_classifier")
         if isinstance(per_classifier, dict):
             row.update({f"{PER_CLASSIFIER}{name}": _value((values or {}).get("accuracy"))
@@ -169,7 +172,7 @@ def format_table(table: pd.DataFrame, fmt: str = "markdown") -> str:
     header = [c for c in _DISPLAY if c not in INCEPTION_COLUMNS or table[c].notna().any()]
     # Per-classifier accuracies only when some row averages over more than one classifier.
     if table["classifier"].astype(str).str.contains(",").any():
-        at = header.index("accuracy_mean") + 1
+        at = header.index("accuracy_best") + 1
         header[at:at] = [c for c in table.columns if c.startswith(PER_CLASSIFIER) and c not in COLUMNS]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     for _, row in table.iterrows():
