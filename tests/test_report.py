@@ -103,15 +103,14 @@ def test_cli_json_writes_the_three_kinds_of_png(runs, tmp_path):
     assert proc.returncode == 0, proc.stderr
     payload = json.loads(proc.stdout)
     assert [row["epsilon"] for row in payload["rows"]] == [manifest_epsilon(r) for r in runs]
-    run_ids = [RunDir.open(r).manifest["run_id"] for r in runs]
-    expected = {PRIVACY_UTILITY_PNG, CLASS_COUNTS_PNG, *(f"samples_{rid}.png" for rid in run_ids)}
+    expected = {PRIVACY_UTILITY_PNG, CLASS_COUNTS_PNG, "samples_run-a.png", "samples_run-b.png"}  # by directory
     assert {p.rsplit("/", 1)[-1] for p in payload["plots"]} == expected
     assert {p.name for p in out.iterdir()} == expected  # and no temp files left
     for name in expected:
         with Image.open(out / name) as image:
             assert image.format == "PNG"
             image.verify()
-    assert (out / f"samples_{run_ids[0]}.png").read_bytes() == (Path(runs[0]) / "samples.png").read_bytes()
+    assert (out / "samples_run-a.png").read_bytes() == (Path(runs[0]) / "samples.png").read_bytes()
 
 
 def test_tampered_samples_are_refused_and_nothing_is_written(runs, tmp_path):
@@ -240,16 +239,24 @@ def test_runs_are_named_by_their_directory_in_the_table_and_both_legends(runs):
         assert {labels[r] for r in runs} <= set(_legend_texts(figures[name])), name
 
 
-def test_units_are_in_the_header_accuracy_percent_kid_scaled_epochs_one_based(runs):
+def test_units_are_in_the_header_accuracy_percent_kid_scale_epochs_one_based(runs, tmp_path):
     markdown = format_table(collect_results(runs), "markdown")
     header, _, first = markdown.splitlines()[:3]
     columns = [c.strip() for c in header.strip("|").split("|")]
     cells = dict(zip(columns, (c.strip() for c in first.strip("|").split("|"))))
     assert cells["accuracy (%)"] == "51.00"  # 0.51 in the manifest
-    assert cells["kid_domain (x10^3)"] == "10"  # 0.01 raw
+    assert cells["kid_domain (raw)"] == "0.01"  # a domain network's KID has its own scale: shown raw
     assert cells["selected epoch (1 = first, of E)"] == "2/10"
     raw = collect_results(runs)  # csv keeps the raw values, as results.csv does
     assert raw["accuracy"].iloc[0] == pytest.approx(0.51) and raw["kid_domain"].iloc[0] == 0.01
+    path = make_run(tmp_path / "inception", 2.0, ["dp-safe-selection"])
+    run = RunDir.open(path)
+    run.manifest["results"]["dp-safe-selection"].update(kid_inception=0.0042, fid_inception=30.0)
+    with run.lock():
+        run.save()
+    lines = format_table(collect_results([str(path)]), "markdown").splitlines()
+    cells = dict(zip((c.strip() for c in lines[0].strip("|").split("|")), (c.strip() for c in lines[2].strip("|").split("|"))))
+    assert cells["kid_inception (x10^3)"] == "4.2"  # Inception KID at the published tables' scale
 
 
 def test_one_colour_per_run_in_both_plots_even_when_a_run_has_no_synthetic_set(tmp_path):

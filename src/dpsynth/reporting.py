@@ -54,14 +54,15 @@ CLASS_COUNTS_PNG = "class_counts.png"
 # csv/json), and dp_safe is folded into the protocol label so a non-DP row cannot be read without its
 # mark. `accuracy` is the best over the classifiers (DPImageBench's tables), `accuracy_mean` their mean.
 # Inception columns are shown only when some run has them, the public-nearer flag only when some run
-# raised it. Units are in the header: accuracies in percent, KID x10^3, epochs 1-based.
+# raised it. Units are in the header: accuracies in percent, Inception KID x10^3 (domain KID raw: its
+# scale follows the network's features, often above 1), epochs 1-based.
 _DISPLAY = ("run", "method", "sensitive", "n_sensitive", "epsilon", "delta", "protocol", "classifier", "accuracy",
             "accuracy_mean", "selected_epoch", *DOMAIN_COLUMNS, *INCEPTION_COLUMNS, "public_nearer",
             "n_synthetic", "feature_network")
 _HEADER = {"n_sensitive": "N", "accuracy": "accuracy (%)", "accuracy_mean": "accuracy_mean (%)",
-           "selected_epoch": "selected epoch (1 = first, of E)", "kid_domain": "kid_domain (x10^3)",
+           "selected_epoch": "selected epoch (1 = first, of E)", "kid_domain": "kid_domain (raw)",
            "kid_inception": "kid_inception (x10^3)", "public_nearer": "nearer public than sensitive"}
-KID_SCALE = 1000.0  # KID is printed x10^3 (the usual scale of published KID tables); csv/json keep raw values
+KID_SCALE = 1000.0  # Inception KID is printed x10^3, as published KID tables are; csv/json keep raw values
 
 
 @dataclass
@@ -179,8 +180,8 @@ def check_format(fmt: str) -> None:
 
 
 def format_table(table: pd.DataFrame, fmt: str = "markdown") -> str:
-    """`markdown`: a pipe table with NOT DP marks and units in the header (accuracy in percent, KID x10^3,
-    epochs 1-based); `csv`: every column, raw values (accuracy a fraction, KID unscaled, as in results.csv)."""
+    """`markdown`: a pipe table with NOT DP marks and units in the header (accuracy in percent, Inception
+    KID x10^3, domain KID raw, epochs 1-based); `csv`: every column, raw values (accuracy a fraction, KID unscaled, as in results.csv)."""
     check_format(fmt)
     if fmt == "csv":
         return table.to_csv(index=False)
@@ -235,7 +236,7 @@ def _cell(column: str, value: Any) -> str:
         return "YES (see evaluate's warning)" if bool(value) else "no"
     if column.startswith(PER_CLASSIFIER) or column == "accuracy":  # accuracy_mean too: one unit, percent
         return f"{100 * float(value):.2f}"
-    if column.startswith("kid_"):
+    if column == "kid_inception":
         return f"{KID_SCALE * float(value):.4g}"
     if isinstance(value, (float, np.floating)):
         return f"{float(value):.4g}"
@@ -418,11 +419,12 @@ def class_counts(run: RunDir) -> np.ndarray | None:
     return np.bincount(labels.ravel().astype(np.int64), minlength=num_classes)
 
 
-def _sample_name(run: RunDir, taken: set[str]) -> str:
-    run_id = str(run.manifest.get("run_id") or run.path.name)
-    stem = "samples_" + (re.sub(r"[^A-Za-z0-9._-]", "_", run_id).strip(".") or "run")
+def _sample_name(path: Path, taken: set[str]) -> str:
+    """samples_<directory name>.png: the name the user gave the run, made safe for a file name."""
+    name = path.name or path.resolve().name
+    stem = "samples_" + (re.sub(r"[^A-Za-z0-9._-]", "_", name).strip(".") or "run")
     name, n = f"{stem}.png", 2
-    while name in taken:  # copies of one run directory share a run_id
+    while name in taken:  # runs/a/x and runs/b/x share a directory name
         name, n = f"{stem}-{n}.png", n + 1
     taken.add(name)
     return name
@@ -441,7 +443,7 @@ def report_figures(table: pd.DataFrame, counts: dict[str, np.ndarray]) -> dict:
 
 def write_report(run_paths: Sequence[str | Path], out_dir: str | Path = DEFAULT_OUT) -> Report:
     """Collect the table and write privacy_utility.png, class_counts.png (when any run has a
-    synthetic set) and samples_<run_id>.png per run with a grid. Returns the table and the
+    synthetic set) and samples_<directory name>.png per run with a grid. Returns the table and the
     paths written. An unreadable run or a changed artifact raises before anything is written."""
     runs = _open_runs(run_paths)
     table = collect_results([path for path, _ in runs])
@@ -454,7 +456,7 @@ def write_report(run_paths: Sequence[str | Path], out_dir: str | Path = DEFAULT_
         if per_class is not None:
             counts[str(path)] = per_class
         if run.has_artifact(GRID):
-            files[_sample_name(run, taken)] = run.read_artifact(GRID)
+            files[_sample_name(path, taken)] = run.read_artifact(GRID)
 
     rendered = {name: _png_bytes(fig) for name, fig in report_figures(table, counts).items()}
     files = {**rendered, **files}
