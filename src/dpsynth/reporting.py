@@ -32,10 +32,11 @@ INCEPTION_COLUMNS = tuple(f"{m}_inception" for m in FIDELITY)
 # The public-nearer check (evaluate): FID of the synthetic set to the sensitive and to the public set.
 NEARER_COLUMNS = ("public_nearer", "nearer_fid_sensitive", "nearer_fid_public", "nearer_check")
 COLUMNS = ("run", "run_id", "method", "sensitive", "n_sensitive", "epsilon", "delta", "accountant", "protocol",
-           "dp_safe", "classifier", "accuracy", "accuracy_mean", "best_classifier", "epochs", *DOMAIN_COLUMNS,
-           *INCEPTION_COLUMNS, "image_reward", "feature_network", *NEARER_COLUMNS, "n_synthetic", "test_set")
-RESULT_KEYS = ("protocol", "dp_safe", "classifier", "accuracy", "accuracy_mean", "best_classifier", "epochs",
-               *DOMAIN_COLUMNS, *INCEPTION_COLUMNS, "image_reward", "feature_network", *NEARER_COLUMNS,
+           "dp_safe", "classifier", "accuracy", "accuracy_mean", "accuracy_best", "best_classifier", "epochs",
+           *DOMAIN_COLUMNS, *INCEPTION_COLUMNS, "image_reward", "feature_network", *NEARER_COLUMNS, "n_synthetic",
+           "test_set")
+RESULT_KEYS = ("protocol", "dp_safe", "classifier", "accuracy", "accuracy_mean", "accuracy_best", "best_classifier",
+               "epochs", *DOMAIN_COLUMNS, *INCEPTION_COLUMNS, "image_reward", "feature_network", *NEARER_COLUMNS,
                "n_synthetic", "test_set")
 NOT_EVALUATED = "(not evaluated)"
 PER_CLASSIFIER = "accuracy_"  # prefix of one column per classifier
@@ -52,14 +53,15 @@ CLASS_COUNTS_PNG = "class_counts.png"
 
 # Columns of the printed (markdown) table: `run` is the directory as the user gave it (run_id stays in
 # csv/json), and dp_safe is folded into the protocol label so a non-DP row cannot be read without its
-# mark. `accuracy` is the best over the classifiers (DPImageBench's tables), `accuracy_mean` their mean.
-# Inception columns are shown only when some run has them, the public-nearer flag only when some run
-# raised it. Units are in the header: accuracies in percent, Inception KID x10^3 (domain KID raw: its
-# scale follows the network's features, often above 1), epochs 1-based.
+# mark. `accuracy` is the mean over the classifiers (as DPImageBench's tables combine them),
+# `accuracy_best` the best one. Inception columns are shown only when some run has them, the
+# public-nearer flag only when some run raised it. Units are in the header: accuracies in percent,
+# Inception KID x10^3 (domain KID raw: its scale follows the network's features, often above 1),
+# epochs 1-based.
 _DISPLAY = ("run", "method", "sensitive", "n_sensitive", "epsilon", "delta", "protocol", "classifier", "accuracy",
-            "accuracy_mean", "selected_epoch", *DOMAIN_COLUMNS, *INCEPTION_COLUMNS, "public_nearer",
+            "accuracy_best", "selected_epoch", *DOMAIN_COLUMNS, *INCEPTION_COLUMNS, "public_nearer",
             "n_synthetic", "feature_network")
-_HEADER = {"n_sensitive": "N", "accuracy": "accuracy (%)", "accuracy_mean": "accuracy_mean (%)",
+_HEADER = {"n_sensitive": "N", "accuracy": "accuracy (%)", "accuracy_best": "accuracy_best (%)",
            "selected_epoch": "selected epoch (1 = first, of E)", "kid_domain": "kid_domain (raw)",
            "kid_inception": "kid_inception (x10^3)", "public_nearer": "nearer public than sensitive"}
 KID_SCALE = 1000.0  # Inception KID is printed x10^3, as published KID tables are; csv/json keep raw values
@@ -139,6 +141,9 @@ def _rows(path: Path, run: RunDir) -> list[dict]:
         if not isinstance(result, dict):
             raise RunDirError(f"manifest {run.path / MANIFEST} is invalid: results[{name!r}] is not a mapping")
         row = {**base, **{key: _value(result.get(key)) for key in RESULT_KEYS}}
+        if "accuracy_best" not in result and "accuracy_mean" in result:
+            # Written before the headline became the mean: there `accuracy` was the best classifier's.
+            row["accuracy_best"], row["accuracy"] = row["accuracy"], row["accuracy_mean"]
         per_classifier = result.get("per_classifier")
         if isinstance(per_classifier, dict):
             per_classifier = {name: values for name, values in per_classifier.items() if isinstance(values, dict)}
@@ -189,7 +194,7 @@ def format_table(table: pd.DataFrame, fmt: str = "markdown") -> str:
     header = [c for c in _DISPLAY if c not in optional or _any_set(table[c])]
     # Per-classifier accuracies only when some row averages over more than one classifier.
     if table["classifier"].astype(str).str.contains(",").any():
-        at = header.index("accuracy_mean") + 1
+        at = header.index("accuracy_best") + 1
         header[at:at] = [c for c in table.columns if c.startswith(PER_CLASSIFIER) and c not in COLUMNS]
     titles = [_HEADER.get(c, f"{c} (%)" if c.startswith(PER_CLASSIFIER) else c) for c in header]
     lines = ["| " + " | ".join(titles) + " |", "|" + "|".join("---" for _ in header) + "|"]
@@ -234,7 +239,7 @@ def _cell(column: str, value: Any) -> str:
         return f"{float(value):.3g}"
     if column == "public_nearer":
         return "YES (see evaluate's warning)" if bool(value) else "no"
-    if column.startswith(PER_CLASSIFIER) or column == "accuracy":  # accuracy_mean too: one unit, percent
+    if column.startswith(PER_CLASSIFIER) or column == "accuracy":  # accuracy_best/_mean too: one unit, percent
         return f"{100 * float(value):.2f}"
     if column == "kid_inception":
         return f"{KID_SCALE * float(value):.4g}"
