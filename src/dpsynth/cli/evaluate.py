@@ -5,8 +5,8 @@ from typing import Optional
 import typer
 
 from ..reporting import NOT_ACCOUNTED
-from ..pipeline.evaluate import run_evaluate
-from .common import DeviceOpt, JsonOpt, QuietOpt, RunOpt, emit, out, progress_bars
+from ..pipeline.evaluate import public_nearer_warning, run_evaluate
+from .common import DeviceOpt, JsonOpt, QuietOpt, RunOpt, emit, err, out, progress_bars
 
 
 def command(
@@ -58,3 +58,6 @@ def command(
     emit(result, json_out, f"evaluate → {run}")
     if not json_out:
         out.print(NOT_ACCOUNTED, highlight=False, soft_wrap=True)
+    warning = public_nearer_warning(result)
+    if warning:  # on stderr, even with --json or --quiet: the samples may not be of the sensitive domain
+        err.print(f"warning: {warning}", highlight=False, soft_wrap=True)

@@ -277,6 +277,7 @@ def _fidelity(run, settings, real, fake_images, test_images, features, fid_max_r
         fake_images, features, device=device, batch_size=batch_size, progress=progress,
         phase="class-probabilities-fake"))
     is_mean, is_std = inception_score(probs, splits=min(10, len(probs)))
+    nearer = _public_nearer(run, settings, f_real, f_fake, features, feats, capped)
     suffix = "_inception" if features.kind == INCEPTION else "_domain"
     note = ("Inception-v3 features (clean-fid weights)" if features.kind == INCEPTION else
             "domain-feature metrics on the named network (trained on public data only); not comparable to "
@@ -294,8 +295,47 @@ def _fidelity(run, settings, real, fake_images, test_images, features, fid_max_r
         "image_reward": None,
         "image_reward_note": IMAGE_REWARD_UNAVAILABLE,
         "fid_note": note,
+        **nearer,
         "feature_cache": {"hits": cache.hits, "misses": cache.misses},
     }
+
+
+def public_nearer_warning(result: dict) -> str | None:
+    """The one-line warning of a result whose synthetic set is nearer the public set; None otherwise."""
+    return result.get("warning") if result.get("public_nearer") else None
+
+
+def _public_nearer(run, settings, f_real, f_fake, features, feats, capped) -> dict:
+    """Is the synthetic set nearer the public set than the sensitive one? A generator that never left
+    its public pretraining (or a DP step too noisy to move it) hands back pictures of the public set.
+
+    FID on the evaluation's own network, from the synthetic set to n sensitive training images (the
+    images FID already uses, subsampled) and to n public images (the whole public train split, not only
+    a selected subset), with n the smaller of the two sets, so the two distances have the same
+    sample-size bias. The sensitive side is the same reporting figure as the fidelity metrics (see
+    NOT_ACCOUNTED); n is not written, since it may be the true size of the sensitive set. Not run
+    (public_nearer None) when the run has no public set."""
+    name = (run.manifest.get("public") or {}).get("name")
+    if not name:
+        return {"public_nearer": None, "nearer_check": "not run: the run has no public set"}
+    sens = run.manifest["sensitive"]
+    public = _public_set(name, settings.data_root, sens["resolution"], sens["channels"])
+    n = min(len(f_real), len(public))
+    if n < 2:
+        return {"public_nearer": None, "nearer_check": f"not run: fewer than 2 images in {name} or the sensitive set"}
+    f_public = feats(capped(public.images, n), "features-public")
+    f_sensitive = capped(torch.from_numpy(f_real), n).numpy()
+    to_sensitive, to_public = fid_from_features(f_sensitive, f_fake), fid_from_features(f_public, f_fake)
+    nearer = bool(to_public < to_sensitive)
+    check = (f"FID on {features.name} of the synthetic set to the sensitive training images FID uses "
+             f"({sens['name']}, at most the public set's size) and to as many public images ({name})")
+    row = {"public_nearer": nearer, "nearer_fid_sensitive": to_sensitive, "nearer_fid_public": to_public,
+           "nearer_check": check}
+    if nearer:
+        row["warning"] = (f"the synthetic set is nearer the public set {name} (FID {to_public:.4g}) than the "
+                          f"sensitive set {sens['name']} (FID {to_sensitive:.4g}) on {features.name}: the "
+                          f"generator may be reproducing the public domain; look at samples.png")
+    return row
 
 
 # ---- results ----------------------------------------------------------------------------------
@@ -321,6 +361,8 @@ def _result_row(run, utility, fidelity, plan, n_synthetic) -> dict:
         "selected_epoch": {c: v["selected_epoch"] for c, v in result["per_classifier"].items()},
         "per_classifier": result["per_classifier"],
         "train_size": result["train_size"], "val_size": result["val_size"],
+        "epochs": result["epochs"],
+        "epoch_note": f"selected_epoch is 1-based: 1 = the checkpoint after the first of {result['epochs']} epochs",
         **{k: v for k, v in fidelity.items() if k != "feature_cache"},
         "n_synthetic": int(n_synthetic),
         "epsilon": run.manifest["privacy"]["epsilon"],
