@@ -289,9 +289,11 @@ def _fidelity(run, settings, real, fake_images, test_images, features, fid_max_r
             ("is", is_mean), ("is_std", is_std))},
         "feature_network": features.name,
         "feature_kind": features.kind,
-        "fid_reference": f"sensitive training set: {run.manifest['sensitive']['name']} ({len(f_real)} images "
+        # Under --public-size the true N is secret: counts that can equal it are not written.
+        "fid_reference": f"sensitive training set: {run.manifest['sensitive']['name']} "
+                         f"({f'up to {fid_max_real}' if settings.public_size else len(f_real)} images "
                          f"the generator was trained on)",
-        "fld_samples": fld_samples,
+        "fld_samples": fld_samples if not settings.public_size or fld_samples == max_fld else None,
         "image_reward": None,
         "image_reward_note": IMAGE_REWARD_UNAVAILABLE,
         "fid_note": note,
