@@ -124,9 +124,8 @@ def main() -> None:
                 continue
             run = run_dir(recipe)
             if args.fresh:
-                shutil.rmtree(run, ignore_errors=True)
-                shutil.rmtree(Path(f"{run}.make"), ignore_errors=True)
-            reused = (Path(f"{run}.make") / "evaluate").is_file()
+                shutil.rmtree(run, ignore_errors=True)  # its make stamps (RUN/.make/) with it
+            reused = (run / ".make" / "evaluate").is_file()
             seconds, peak, rc = (None, None, 0) if reused else run_recipe(recipe, run, args.dpsynth)
             rows.append(row(method, eps, run, seconds, peak, rc))
             print(f"{method} eps={eps}: {rows[-1]}", file=sys.stderr, flush=True)
