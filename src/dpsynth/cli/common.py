@@ -90,7 +90,7 @@ def emit(result: dict, as_json: bool, title: str) -> None:
     hints = HINTS
     table = Table(title=title, show_header=True)
     table.add_column("key", overflow="fold")
-    table.add_column("value")
+    table.add_column("value", overflow="fold", max_width=TEXT_WIDTH)  # long values wrap, never cut
     for key, value in result.items():
         table.add_row(str(key), to_flags(_fmt(value), {}, hints))
     print_table(table)
@@ -99,7 +99,8 @@ def emit(result: dict, as_json: bool, title: str) -> None:
 def print_table(table: Table) -> None:
     """On a terminal rich fits the table to its width; key columns are made `overflow="fold"`, so a
     narrow terminal wraps them instead of cutting them to `poisson_ga…`. Anywhere else (a pipe, a file,
-    a log) the table takes its natural width: every cell is printed in full, on one line."""
+    a log) the table takes its natural width, so no cell is cut: key columns stay on one line, and
+    free-text columns (given a `max_width`, e.g. TEXT_WIDTH) wrap between words."""
     if out.is_terminal:
         out.print(table)
         return
@@ -111,6 +112,7 @@ def print_table(table: Table) -> None:
 
 
 _UNBOUNDED = 100_000
+TEXT_WIDTH = 64  # widest a free-text column grows before it wraps
 
 
 def _fmt(value) -> str:

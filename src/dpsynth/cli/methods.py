@@ -2,7 +2,7 @@
 
 from rich.table import Table
 
-from .common import JsonOpt, emit, print_table
+from .common import TEXT_WIDTH, JsonOpt, emit, print_table
 
 
 def describe() -> list[dict]:
@@ -31,7 +31,8 @@ def command(json_out: bool = JsonOpt) -> None:
         return
     table = Table(title="dpsynth methods")
     for col in ("method", "select-public", "pretrain", "finetune", "--train-opts (defaults)"):
-        table.add_column(col, overflow="fold" if col in ("method", "--train-opts (defaults)") else "ellipsis")
+        table.add_column(col, overflow="fold" if col in ("method", "--train-opts (defaults)") else "ellipsis",
+                         max_width=TEXT_WIDTH if col == "--train-opts (defaults)" else None)
     for r in rows:
         opts = ", ".join(f"{k}={v}" for k, v in r["train_opts"].items()) or "—"
         table.add_row(r["method"], "yes" if r["select_public"] else "—", r["pretrain"] or "—", r["finetune"], opts)

@@ -265,7 +265,8 @@ class RunDir:
         (of those the run's method uses), in order: not only the nearest one."""
         if self.stage_done(stage):
             return
-        missing = [s for s in self._stages_used()[:STAGES.index(needed_by)] if not self.stage_done(s)]
+        before = STAGES[:STAGES.index(needed_by)]
+        missing = [s for s in self._stages_used() if s in before and not self.stage_done(s)]
         missing = missing if stage in missing else [stage]
         raise RunDirError(f"stage '{needed_by}' needs {', '.join(repr(s) for s in missing)} to have completed in "
                           f"{self.path}; run " + ", then ".join(f"'dpsynth {s}'" for s in missing) + " on it first")
