@@ -9,7 +9,8 @@ rich"`. A one-command Typer app's `--help` is the floor of any Typer CLI with ri
 renders it with rich's Markdown support). `dpsynth ledger` reads a run written here through RunDir
 (two events, no training; most of its time is the PRV composition). `--with-torch` adds `dpsynth
 methods` (it loads every method class, and so torch) and `python -c "import torch"` for scale.
-`--src` times another checkout's src/ (e.g. the commit before a change) with the same rows.
+`--src DIR` (repeatable) times other source trees too, e.g. an export of the commit before a change,
+their rows interleaved with this one's and labelled by the directory.
 """
 
 from __future__ import annotations
@@ -52,19 +53,24 @@ app(args=sys.argv[1:], prog_name="minimal")
 """
 
 
-def commands(run: Path, with_torch: bool) -> dict[str, list[str]]:
-    dpsynth = [sys.executable, "-m", "dpsynth"]
-    rows = {
-        'python -c "import typer, rich"': [sys.executable, "-c", "import typer, rich"],
-        "one-command Typer app --help": [sys.executable, "-c", MINIMAL_TYPER_APP, "--help"],
-        "dpsynth --help": [*dpsynth, "--help"],
-        "dpsynth finetune --help": [*dpsynth, "finetune", "--help"],
-        "dpsynth finetune --eps 10% (argument error)": [*dpsynth, "finetune", "--eps", "10%"],
-        "dpsynth ledger --run R": [*dpsynth, "ledger", "--run", str(run)],
-    }
+def commands(run: Path, with_torch: bool, sources: list[Path]) -> dict[str, tuple[list[str], dict]]:
+    """{row: (argv, environment)}; the dpsynth rows once per source tree."""
+    env = dict(os.environ)
+    rows = {'python -c "import typer, rich"': ([sys.executable, "-c", "import typer, rich"], env),
+            "one-command Typer app --help": ([sys.executable, "-c", MINIMAL_TYPER_APP, "--help"], env)}
+    for src in sources:
+        label = "" if len(sources) == 1 else f" [{src}]"
+        src_env = {**env, "PYTHONPATH": str(src) + os.pathsep + env.get("PYTHONPATH", "")}
+        dpsynth = [sys.executable, "-m", "dpsynth"]
+        rows.update({f"dpsynth --help{label}": ([*dpsynth, "--help"], src_env),
+                     f"dpsynth finetune --help{label}": ([*dpsynth, "finetune", "--help"], src_env),
+                     f"dpsynth finetune --eps 10% (argument error){label}": ([*dpsynth, "finetune", "--eps", "10%"],
+                                                                             src_env),
+                     f"dpsynth ledger --run R{label}": ([*dpsynth, "ledger", "--run", str(run)], src_env)})
+        if with_torch:
+            rows[f"dpsynth methods (imports torch){label}"] = ([*dpsynth, "methods"], src_env)
     if with_torch:
-        rows["dpsynth methods (imports torch)"] = [*dpsynth, "methods"]
-        rows['python -c "import torch"'] = [sys.executable, "-c", "import torch"]
+        rows['python -c "import torch"'] = ([sys.executable, "-c", "import torch"], env)
     return rows
 
 
@@ -81,23 +87,25 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeat", type=int, default=7, help="runs of each command (median reported)")
     parser.add_argument("--with-torch", action="store_true", help="also time `dpsynth methods` and `import torch`")
-    parser.add_argument("--src", type=Path, default=SRC, help="the dpsynth source tree to time (default: this one)")
+    parser.add_argument("--src", type=Path, action="append", help="a dpsynth source tree to time (repeatable; "
+                        "default: this checkout's src/)")
     args = parser.parse_args()
-    env = {**os.environ, "PYTHONPATH": str(args.src.resolve()) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    sources = [path.resolve() for path in args.src or [SRC]]
     with tempfile.TemporaryDirectory() as tmp:
         run = Path(tmp) / "run"
-        subprocess.run([sys.executable, "-c", MAKE_RUN, str(run)], env={**env, "DPSYNTH_HOME": tmp}, check=True)
-        rows = commands(run, args.with_torch)
-        for argv in rows.values():  # one untimed run each: the file cache warm for every row alike
+        subprocess.run([sys.executable, "-c", MAKE_RUN, str(run)], check=True,
+                       env={**os.environ, "PYTHONPATH": str(SRC), "DPSYNTH_HOME": tmp})
+        rows = commands(run, args.with_torch, sources)
+        for argv, env in rows.values():  # one untimed run each: the file cache warm for every row alike
             time_once(argv, env)
         times: dict[str, list[float]] = {name: [] for name in rows}
         for _ in range(args.repeat):
-            for name, argv in rows.items():
+            for name, (argv, env) in rows.items():
                 times[name].append(time_once(argv, env))
     baseline = statistics.median(next(iter(times.values())))
     width = max(map(len, times))
     print(f"{'command':<{width}}  median s  fastest s  × baseline   ({args.repeat} runs each, interleaved; "
-          f"{os.cpu_count()} CPUs; {args.src})")
+          f"{os.cpu_count()} CPUs)")
     for name, values in times.items():
         median = statistics.median(values)
         print(f"{name:<{width}}  {median:8.3f}  {min(values):9.3f}  {median / baseline:10.2f}")
