@@ -95,8 +95,8 @@ def load_holdout(run: RunDir) -> ImageSet:
     settings = settings_from_run(run)
     record = run.manifest.get("holdout") or {}
     if not settings.holdout or not record.get("size"):
-        raise BadInput(f"run {run.path} has no sensitive hold-out; noisy-val needs one: create the run with "
-                       f"`holdout` FRACTION (e.g. `holdout` 0.1)")
+        raise BadInput(f"run {run.path} has no sensitive hold-out; noisy-val and dpimagebench-val need one: "
+                       f"create the run with `holdout` FRACTION (e.g. `holdout` 0.0833: 5,000 of 60,000)")
     key = load_owner_key()
     _, held = split_off(_load_full(settings, "train"), settings.holdout, settings.seed, key)
     if "tag" not in record:  # runs made before keyed tags recorded the hold-out's indices, not its content
