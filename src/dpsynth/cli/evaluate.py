@@ -4,8 +4,6 @@ from typing import Optional
 
 import typer
 
-from ..reporting import NOT_ACCOUNTED
-from ..pipeline.evaluate import public_nearer_warning, run_evaluate
 from .common import DeviceOpt, JsonOpt, QuietOpt, RunOpt, emit, err, out, progress_bars
 
 
@@ -19,7 +17,9 @@ def command(
     classifier: str = typer.Option("cnn", "--classifier",
                                    help="cnn, resnet (ResNet-110), wrn (WRN-40-4), resnext (ResNeXt-29 8x4d), "
                                         "comma-separated, or dpimagebench (its three) / all."),
-    epochs: int = typer.Option(10, "--epochs"), batch_size: int = typer.Option(256, "--batch-size"),
+    epochs: int = typer.Option(10, "--epochs", help="Training epochs of each classifier (checkpoints to select "
+                                                    "from: one per epoch)."),
+    batch_size: int = typer.Option(256, "--batch-size", help="Classifier training batch size."),
     feature_public: Optional[str] = typer.Option(None, "--feature-public",
                                                  help="Public set for the domain feature network (default: the run's)."),
     inception_weights: Optional[str] = typer.Option(None, "--inception-weights",
@@ -47,6 +47,9 @@ def command(
 ) -> None:
     """Train classifiers on the synthetic set, select checkpoints by the protocol, report real-test accuracy
     and FID, KID, IS, precision/recall and FLD against the sensitive training set."""
+    from ..pipeline.evaluate import public_nearer_warning, run_evaluate
+    from ..reporting import NOT_ACCOUNTED
+
     with progress_bars(quiet or json_out) as progress:
         result = run_evaluate(run, protocol=protocol, classifier=classifier, epochs=epochs,
                               feature_public=feature_public, compare_protocols=compare_protocols,

@@ -16,6 +16,7 @@ from ..privacy.plans import gaussian_release_sigma
 from ..privacy.events import GaussianEvent
 from ..mechanisms.semantic_query import add_gaussian_noise, flat_rows, select_public_classes, semantic_histogram
 from .lifecycle import stage_run
+from .rundir import now
 from .names import SELECT_PUBLIC as STAGE, SELECTION
 from ..validation import check_positive
 from .common import (DataSettings, Progress, load_public, public_record, no_progress,
@@ -33,6 +34,7 @@ def run_select_public(run_path: str | Path, settings: DataSettings, *, sigma: fl
                       eps_query: float | None = None, top_k: int = 1, select: int | None = None,
                       delta: float | None = None, method: str | None = None,
                       progress: Progress = no_progress) -> dict:
+    started = now()  # loading, the query network and the labelling come before the stage's entry opens
     if method is not None and not get_method(method).uses_public_selection:
         return _skipped(method)
 
@@ -70,7 +72,8 @@ def run_select_public(run_path: str | Path, settings: DataSettings, *, sigma: fl
     run.manifest["public"] = public_record(public)
     config = {"sigma": float(sigma), "eps_query": eps_query, "top_k": top_k, "select": n_select,
               "query_network": net_identity}
-    with stage_run(run, STAGE, config, events=[event]):  # the event is written before the noisy histogram exists
+    # The event is written before the noisy histogram exists.
+    with stage_run(run, STAGE, config, events=[event], started=started):
         noisy = add_gaussian_noise(hist, sigma, top_k)
         flat = flat_rows(noisy, sigma, top_k)
         if len(flat) == rows:
