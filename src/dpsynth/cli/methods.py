@@ -2,11 +2,12 @@
 
 from rich.table import Table
 
-from ..methods import METHODS
-from .common import JsonOpt, emit, out
+from .common import TEXT_WIDTH, JsonOpt, emit, print_table
 
 
 def describe() -> list[dict]:
+    from ..methods import METHODS  # every method class: this imports torch
+
     rows = []
     for name in sorted(METHODS):
         cls = METHODS[name]
@@ -31,8 +32,9 @@ def command(json_out: bool = JsonOpt) -> None:
         return
     table = Table(title="dpsynth methods")
     for col in ("method", "select-public", "pretrain", "finetune", "--train-opts (defaults)"):
-        table.add_column(col)
+        table.add_column(col, overflow="fold" if col in ("method", "--train-opts (defaults)") else "ellipsis",
+                         max_width=TEXT_WIDTH if col == "--train-opts (defaults)" else None)
     for r in rows:
         opts = ", ".join(f"{k}={v}" for k, v in r["train_opts"].items()) or "—"
         table.add_row(r["method"], "yes" if r["select_public"] else "—", r["pretrain"] or "—", r["finetune"], opts)
-    out.print(table)
+    print_table(table)

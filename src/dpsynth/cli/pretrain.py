@@ -5,16 +5,15 @@ from typing import Optional
 import typer
 
 from ..key_values import parse_arch
-from ..pipeline.pretrain import run_pretrain
 from .common import (ArchOpt, DeltaOpt, DeviceOpt, JsonOpt, MethodOpt, QuietOpt, RunOpt, creates_runs, emit,
                      progress_bars)
 
 
 @creates_runs()
 def command(
-    epochs: Optional[int] = typer.Option(None, "--epochs", help="Default: the method's."),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Default: the method's."),
-    lr: Optional[float] = typer.Option(None, "--lr", help="Default: the method's."),
+    epochs: Optional[int] = typer.Option(None, "--epochs", help="Passes over the public set. Default: the method's."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Images per (non-private) training step. Default: the method's."),
+    lr: Optional[float] = typer.Option(None, "--lr", help="Learning rate. Default: the method's."),
     central_sigma: float = typer.Option(5.0, "--central-sigma", help="DP-FETA: noise multiplier of each central-image "
                                                                      "query."),
     central_queries: int = typer.Option(5, "--central-queries", help="DP-FETA: number of queries (images per class)."),
@@ -38,6 +37,8 @@ def command(
 ) -> None:
     """Pretrain on the public subset chosen by select-public (or the whole public set), or warm up on DP-FETA's
     central images (a privacy event) and, for FETA-Pro, on an auxiliary generator's images (a second one)."""
+    from ..pipeline.pretrain import run_pretrain
+
     with progress_bars(quiet or json_out) as progress:
         result = run_pretrain(run, settings, epochs=epochs, batch_size=batch_size, lr=lr, method=method,
                               delta=delta, arch=arch, device=device, central_sigma=central_sigma,

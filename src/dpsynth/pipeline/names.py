@@ -1,6 +1,8 @@
 """The names of a run directory's stages and artifacts: declared here once (torch-free, so
 `reporting` and other readers of run directories import them without the training stack)."""
 
+DEFAULT_RUN = "runs/latest"        # the run directory when neither --run nor $DPSYNTH_RUN is given
+
 SELECT_PUBLIC = "select-public"
 PRETRAIN = "pretrain"
 FINETUNE = "finetune"
