@@ -7,7 +7,7 @@ DPSYNTH := $(VENV)/bin/dpsynth
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 STAMP := $(VENV)/.installed
 
-.PHONY: install data demo test bench bench-small clean
+.PHONY: install data demo test bench bench-small bench-leaderboard clean
 
 install: $(STAMP) data
 
@@ -34,9 +34,16 @@ test: install
 bench: install
 	$(PY) benchmarks/dp_step.py
 
-# The GAN and mean-embedding small recipes at eps 1 and 10 beside DPImageBench's figures (about 20 minutes on an idle 2-core machine).
+# Every registered method's small recipe at eps 1 and 10 beside DPImageBench's published rows, one
+# protocol for all (DP-safe selection, the CNN); it resumes, so it can be run in parts (LEADERBOARD_ARGS,
+# e.g. --methods dp-merf,dp-ntk). The table goes to docs/leaderboard.md.
+LEADERBOARD_ARGS ?=
+bench-leaderboard: install
+	$(PY) benchmarks/leaderboard.py --dpsynth $(abspath $(DPSYNTH)) --out docs/leaderboard.md $(LEADERBOARD_ARGS)
+
+# The GAN and mean-embedding rows only (about 20 minutes on an idle 2-core machine).
 bench-small: install
-	$(PY) benchmarks/small_recipes.py --dpsynth $(abspath $(DPSYNTH))
+	$(PY) benchmarks/leaderboard.py --dpsynth $(abspath $(DPSYNTH)) --methods dp-merf,dp-ntk,dp-kernel,dp-gan,gs-wgan,efsgd-gan
 
 clean:
 	rm -rf runs

@@ -24,6 +24,7 @@ SELECT = ["select-public", "--sensitive", "fashionmnist", "--public", "mnist5k",
           "--public-size", "60000", "--quiet"]  # declared N = 2000 exactly
 FINETUNE = ["--epochs", "1", "--batch-size", "250"]  # N = 2000: q = 1/8, 8 steps
 Q, STEPS = 1 / 8, 8
+WARMUP = {"epochs": 1, "batch_size": 50, "augment": False}  # the warm-up's schedule (post-processing)
 NUMBER = r"(\d+(?:\.\d+)?(?:e-?\d+)?)"
 
 
@@ -136,14 +137,14 @@ def test_dp_feta_central_images_over_the_target_name_a_central_sigma_that_fits()
     spent = [GaussianEvent("select-public", 5.0)]
     with pytest.raises(BudgetExhausted) as caught:
         DPFETA().plan_warmup(dataset_size=6000, sigma=1.0, queries=5, batch=6000, spent=spent, delta=delta,
-                             target=target)
+                             target=target, **WARMUP)
     first, *options = str(caught.value).splitlines()
     assert first.startswith("pretrain cannot run within the run's target ε=2 (δ=1e-05): the run has already spent "
-                            "ε=") and "select-public's gaussian σ=5, and its central images (5 queries" in first
+                            "ε=") and "select-public's gaussian σ=5, and central images (central_sigma=1)" in first
     sigma = float(re.search(rf"`central_sigma` {NUMBER} or more", options[0]).group(1))
     assert prv_upper([(GaussianMechanism(5.0), 1), (GaussianMechanism(sigma), 5)], delta) <= target  # q = 1
     DPFETA().plan_warmup(dataset_size=6000, sigma=sigma, queries=5, batch=6000, spent=spent, delta=delta,
-                         target=target)
+                         target=target, **WARMUP)
 
 
 @pytest.mark.parametrize("x", [3.1705, 0.012345, 12.0, 199.99, 1e-4])

@@ -32,7 +32,7 @@ CASES = [
     (["finetune", "--eps", "-1"], ["--eps -1.0", "> 0"]),
     (["finetune", "--eps", "nan"], ["--eps nan", "> 0"]),
     (["finetune", "--eps", "inf"], ["--eps inf", "> 0"]),
-    (["finetune", "--eps", "abc"], ["Invalid value for '--eps'"]),
+    (["finetune", "--eps", "abc"], ["--eps abc is not allowed", "valid number"]),
     (["select-public", "--sensitive", "fashionmnist", "--sigma", "0"], ["--sigma 0.0", "> 0"]),
     (["select-public", "--sensitive", "fashionmnist", "--sigma", "-2"], ["--sigma -2.0", "> 0"]),
     (["select-public", "--sensitive", "fashionmnist"], ["exactly one of --sigma"]),

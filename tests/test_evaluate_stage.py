@@ -102,7 +102,8 @@ def test_dp_safe_opens_the_test_set_only_after_selection(run, monkeypatch, featu
     assert result["image_reward"] is None and result["image_reward_note"].startswith("unavailable")
     table = pd.read_csv(run.path / "results.csv")
     assert table["protocol"].tolist() == ["dp-safe-selection"] and table["accuracy_cnn"].iloc[0] == result["accuracy"]
-    assert len(list(feature_cache.iterdir())) == 4  # train, synthetic, test features and synthetic probabilities
+    # train, synthetic, test and public (the public-nearer check) features, and synthetic probabilities
+    assert len(list(feature_cache.iterdir())) == 5
 
 
 def test_noisy_val_spends_the_reservation_once_then_refuses_without_budget(run, feature_cache):

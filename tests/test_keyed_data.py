@@ -197,7 +197,7 @@ def test_public_size_sets_sample_rate_steps_and_delta(home, tmp_path):
 
 
 def test_public_size_is_fixed_at_creation_and_validated(home, tmp_path, capsys):
-    for value, expected in (("2", "--public-size 2"), ("abc", "Invalid value for '--public-size'")):
+    for value, expected in (("2", "--public-size 2"), ("abc", "--public-size abc is not allowed")):
         code = main(["finetune", "--run", str(tmp_path / "r"), "--sensitive", "digits", "--eps", "1",
                      "--public-size", value])
         err = capsys.readouterr().err

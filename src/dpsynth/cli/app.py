@@ -1,26 +1,42 @@
-"""The Typer application: one thin module per command."""
+"""The Typer application: one thin module per command. Importing it (for `--help`, an argument
+error or `dpsynth ledger`) loads no torch: each command imports the library it runs inside itself."""
 
 import os
 from pathlib import Path
 from typing import Optional
 
 import typer
+from typer.core import TyperCommand, TyperGroup
 
 from . import audit, evaluate, finetune, generate, ledger, methods, pretrain, report, select_public
-from .recipe import load_recipe
+
+
+class _FlagsShowNoType:
+    """Typer's help prints every option's type, a flag's too (`--help <bool>`, `--secure <bool>`);
+    a flag takes no value, so it is shown without one."""
+
+    def get_params(self, ctx):
+        params = super().get_params(ctx)
+        for param in params:
+            if getattr(param, "is_flag", False) and param.metavar is None:
+                param.metavar = ""
+        return params
+
+
+class Command(_FlagsShowNoType, TyperCommand):
+    pass
+
+
+class Group(_FlagsShowNoType, TyperGroup):
+    pass
+
 
 app = typer.Typer(name="dpsynth", help="Differentially private image synthesis with an honest privacy ledger.",
-                  no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
-app.command("select-public")(select_public.command)
-app.command("pretrain")(pretrain.command)
-app.command("finetune")(finetune.command)
-app.command("generate")(generate.command)
-app.command("evaluate")(evaluate.command)
-app.command("ledger")(ledger.command)
-app.command("report")(report.command)
-app.command("audit")(audit.command)
-app.command("methods")(methods.command)
-
+                  no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False, cls=Group)
+for _name, _module in (("select-public", select_public), ("pretrain", pretrain), ("finetune", finetune),
+                       ("generate", generate), ("evaluate", evaluate), ("ledger", ledger), ("report", report),
+                       ("audit", audit), ("methods", methods)):
+    app.command(_name, cls=Command)(_module.command)
 
 
 @app.callback()
@@ -30,6 +46,8 @@ def main(ctx: typer.Context,
                                                     "(flags override; default $DPSYNTH_RECIPE).")) -> None:
     """dpsynth: select-public → pretrain → finetune → generate → evaluate, one run directory."""
     if recipe:
+        from .recipe import load_recipe  # yaml only when a recipe is given
+
         ctx.default_map = load_recipe(Path(recipe), command_flags(ctx.command))
 
 

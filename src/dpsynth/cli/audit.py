@@ -6,7 +6,6 @@ from typing import Optional
 
 import typer
 
-from ..pipeline.rundir import atomic_write_bytes
 from .common import JsonOpt, QuietOpt, emit, err, progress_bars
 
 WORDING = ("statistical lower bound ({confidence:.0%} confidence) at the claimed delta, not a proof of privacy; "
@@ -17,7 +16,8 @@ def command(
     eps: float = typer.Option(4.0, "--eps", help="Claimed epsilon: DP-SGD noise is calibrated to it (PRV)."),
     delta: float = typer.Option(1e-5, "--delta", help="Claimed delta."),
     canaries: int = typer.Option(1000, "--canaries", help="Dirac canaries m (each included with probability 1/2)."),
-    epochs: int = typer.Option(60, "--epochs"), batch_size: int = typer.Option(256, "--batch-size"),
+    epochs: int = typer.Option(60, "--epochs", help="DP-SGD epochs over the digits plus canaries."),
+    batch_size: int = typer.Option(256, "--batch-size", help="Expected (Poisson) batch size of DP-SGD."),
     alpha: float = typer.Option(0.05, "--alpha", help="1 - confidence level of the lower bound."),
     seed: int = typer.Option(0, "--seed", help="Seed of canary inclusion, labels and training."),
     no_noise: bool = typer.Option(False, "--no-noise", help="Deliberately broken mechanism (noise off, true "
@@ -38,6 +38,7 @@ def command(
     1 when either fails, with a one-line reason: a bound above the claim refutes it at the stated confidence;
     too little noise means the mechanism is not the one accounted for (a sigma/2 bug passes the bound alone)."""
     from ..audit.one_run import AuditConfig, run_audit  # scipy/sklearn only when auditing
+    from ..pipeline.rundir import atomic_write_bytes
 
     config = AuditConfig(claimed_epsilon=eps, delta=delta, canaries=canaries, epochs=epochs, batch_size=batch_size,
                          alpha=alpha, seed=seed, noise=not no_noise, noise_scale=noise_scale, noise_alpha=noise_alpha)

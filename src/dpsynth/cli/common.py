@@ -15,8 +15,9 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from ..pipeline.rundir import DEFAULT_RUN
+from ..pipeline.names import DEFAULT_RUN
 from ..progress import no_progress
+from .method_names import method_names
 
 out = Console()
 err = Console(stderr=True)
@@ -26,14 +27,19 @@ RunOpt = typer.Option(os.environ.get("DPSYNTH_RUN", DEFAULT_RUN), "--run", "-r",
 QuietOpt = typer.Option(False, "--quiet", "-q", help="No progress output (bars on a terminal, plain lines "
                                                        "otherwise); also $DPSYNTH_QUIET=1.")
 JsonOpt = typer.Option(False, "--json", help="Print machine-readable JSON on stdout.")
-SensitiveOpt = typer.Option(None, "--sensitive", help="Sensitive dataset name, imagefolder:PATH or npz:PATH (new runs).")
+SENSITIVE_HELP = ("Sensitive dataset: a name (fashionmnist, mnist, cifar10, celeba, ...), imagefolder:PATH or "
+                  "npz:PATH (arrays 'images', or 'x': uint8, or float in 0..1, shaped N×H×W, N×H×W×C or N×C×H×W "
+                  "with C 1 or 3; 'labels', or 'y': integers 0..K-1)")
+SensitiveOpt = typer.Option(None, "--sensitive", help=SENSITIVE_HELP + " (new runs).")
 PublicOpt = typer.Option(None, "--public", help="Public dataset name (labelled).")
-MethodOpt = typer.Option(None, "--method", help="Method name (new runs; default privimage-cvae).")
+MethodOpt = typer.Option(None, "--method", help="Method of a new run (default privimage-cvae; fixed once the run "
+                         "exists): " + ", ".join(method_names()) + ". 'dpsynth methods' says what each does.")
 DataRootOpt = typer.Option(None, "--data-root", help="Dataset root (default $DPSYNTH_DATA or ~/.cache/dpsynth/data).")
 ResolutionOpt = typer.Option(None, "--resolution", help="Image size for the run (default: the sensitive set's).")
 ChannelsOpt = typer.Option(None, "--channels", help="1 or 3 (default: the sensitive set's).")
 LimitOpt = typer.Option(None, "--limit", help="Keep each sensitive image with probability LIMIT/N (keyed, 1-stable: "
-                                              "about this many images; N as in --public-size).")
+                                              "about this many images; N as in --public-size). A default delta is then "
+                                              "1/(N ln N) of the kept images.")
 PublicSizeOpt = typer.Option(None, "--public-size", help="New runs: declared size N of the sensitive set, used "
                                                          "instead of the true size wherever N sets the sample rate, "
                                                          "steps, delta or a mean (the true size is then not released).")
@@ -95,11 +101,30 @@ def emit(result: dict, as_json: bool, title: str) -> None:
     # A backticked parameter in a result's text ("pass `inception_weights`") reads as its flag.
     hints = HINTS
     table = Table(title=title, show_header=True)
-    table.add_column("key")
-    table.add_column("value")
+    table.add_column("key", overflow="fold")
+    table.add_column("value", overflow="fold", max_width=TEXT_WIDTH)  # long values wrap, never cut
     for key, value in result.items():
         table.add_row(str(key), to_flags(_fmt(value), {}, hints))
-    out.print(table)
+    print_table(table)
+
+
+def print_table(table: Table) -> None:
+    """On a terminal rich fits the table to its width; key columns are made `overflow="fold"`, so a
+    narrow terminal wraps them instead of cutting them to `poisson_ga…`. Anywhere else (a pipe, a file,
+    a log) the table takes its natural width, so no cell is cut: key columns stay on one line, and
+    free-text columns (given a `max_width`, e.g. TEXT_WIDTH) wrap between words."""
+    if out.is_terminal:
+        out.print(table)
+        return
+    from rich.measure import Measurement
+
+    natural = Measurement.get(out, out.options.update(max_width=_UNBOUNDED), table).maximum
+    wide = Console(file=out.file, width=max(out.width, natural))
+    wide.print(table)
+
+
+_UNBOUNDED = 100_000
+TEXT_WIDTH = 64  # widest a free-text column grows before it wraps
 
 
 def _fmt(value) -> str:

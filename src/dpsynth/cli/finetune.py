@@ -4,8 +4,6 @@ from typing import Optional
 
 import typer
 
-from ..pipeline.finetune import run_finetune
-from ..training.options import FinetuneOptions
 from .common import (ArchOpt, DeltaOpt, DeviceOpt, JsonOpt, MethodOpt, QuietOpt, RunOpt, creates_runs, emit,
                      progress_bars)
 
@@ -47,6 +45,9 @@ def command(
 ) -> None:
     """Private fine-tuning (DP-SGD or the method's own mechanism); noise is solved so ledger + these steps
     stay <= --eps."""
+    from ..pipeline.finetune import run_finetune
+    from ..training.options import FinetuneOptions
+
     with progress_bars(quiet or json_out, "finetune") as progress:
         options = FinetuneOptions(epochs=epochs, batch_size=batch_size, clip=clip, lr=lr,
                                   grad_sample_mode=grad_sample_mode, noise_multiplicity=noise_multiplicity,

@@ -47,10 +47,11 @@ def main(argv: list[str] | None = None) -> int:
 
 def _print_notices() -> None:
     # One-time messages from the library (e.g. a legacy manifest migrated), said once, on stderr.
-    from ..pipeline.common import NOTICES
+    from ..notices import NOTICES  # torch-free: printed after every command, --help included
+    from .flags import HINTS, to_flags
 
     for notice in dict.fromkeys(NOTICES):
-        sys.stderr.write(f"note: {notice}\n")
+        sys.stderr.write(f"note: {to_flags(notice, {}, HINTS)}\n")
     NOTICES.clear()
 
 
@@ -58,11 +59,29 @@ def _usage_error(exc: Exception) -> str | None:
     # Typer re-exports click's exception classes; we only read their public message.
     format_message = getattr(exc, "format_message", None)
     if callable(format_message) and getattr(exc, "exit_code", None) == 2:
-        message = " ".join(format_message().split())
+        message = _named_value(exc) or " ".join(format_message().split())
         ctx = getattr(exc, "ctx", None)
         command = f" (see 'dpsynth {ctx.info_name} --help')" if ctx is not None and ctx.info_name != "dpsynth" else ""
         return message + command
     return None
+
+
+def _named_value(exc: Exception) -> str | None:
+    """'--eps 10% is not allowed; input should be a valid number' for a value Typer could not convert:
+    its own message ("Invalid value for '--eps': Input should be a valid number") drops the value.
+    Typer converts with pydantic and chains the ValidationError, whose errors() carry the input."""
+    param, cause = getattr(exc, "param", None), exc.__cause__
+    errors = getattr(cause, "errors", None)
+    if param is None or not callable(errors):
+        return None
+    try:
+        first = errors()[0]
+        value, reason = first["input"], str(first["msg"])
+    except (IndexError, KeyError, TypeError):
+        return None
+    flags = [opt for opt in getattr(param, "opts", ()) if opt.startswith("--")] or [str(param.name)]
+    shown = " ".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
+    return f"{flags[0]} {shown!s} is not allowed; {reason[:1].lower()}{reason[1:]}"
 
 
 def run() -> None:

@@ -2,11 +2,12 @@
 
 from rich.table import Table
 
-from ..methods import METHODS
-from .common import JsonOpt, emit, out
+from .common import TEXT_WIDTH, JsonOpt, emit, print_table
 
 
 def describe() -> list[dict]:
+    from ..methods import METHODS  # every method class: this imports torch
+
     rows = []
     for name in sorted(METHODS):
         cls = METHODS[name]
@@ -14,7 +15,8 @@ def describe() -> list[dict]:
         rows.append({
             "method": name, "description": cls.description,
             "select_public": cls.uses_public_selection,
-            "pretrain": "public" if cls.uses_pretraining else "DP central images" if cls.uses_central_warmup else None,
+            "pretrain": ("public" if cls.uses_pretraining else
+                         getattr(cls, "warmup_summary", "DP central images") if cls.uses_central_warmup else None),
             "finetune": "own mechanism" if cls.own_mechanism else "DP-SGD",
             "options": sorted(k for k in defaults if k != "train_opts"),
             "train_opts": dict(defaults.get("train_opts") or {}),
@@ -30,8 +32,9 @@ def command(json_out: bool = JsonOpt) -> None:
         return
     table = Table(title="dpsynth methods")
     for col in ("method", "select-public", "pretrain", "finetune", "--train-opts (defaults)"):
-        table.add_column(col)
+        table.add_column(col, overflow="fold" if col in ("method", "--train-opts (defaults)") else "ellipsis",
+                         max_width=TEXT_WIDTH if col == "--train-opts (defaults)" else None)
     for r in rows:
         opts = ", ".join(f"{k}={v}" for k, v in r["train_opts"].items()) or "—"
         table.add_row(r["method"], "yes" if r["select_public"] else "—", r["pretrain"] or "—", r["finetune"], opts)
-    out.print(table)
+    print_table(table)

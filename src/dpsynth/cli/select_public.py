@@ -4,12 +4,12 @@ from typing import Optional
 
 import typer
 
-from ..pipeline.select_public import run_select_public
-from .common import DeltaOpt, JsonOpt, MethodOpt, QuietOpt, RunOpt, creates_runs, emit, progress_bars
+from .common import (SENSITIVE_HELP, DeltaOpt, JsonOpt, MethodOpt, QuietOpt, RunOpt, creates_runs, emit,
+                     progress_bars)
 
 
 @creates_runs(
-    sensitive=(str, typer.Option(..., "--sensitive", help="Sensitive dataset (name, imagefolder:PATH, npz:PATH).")),
+    sensitive=(str, typer.Option(..., "--sensitive", help=SENSITIVE_HELP + ".")),
     public=(str, typer.Option("mnist5k", "--public", help="Labelled public dataset to select from.")))
 def command(
     sigma: Optional[float] = typer.Option(None, "--sigma", help="Noise multiplier of the Gaussian query (std = sigma*sqrt(k))."),
@@ -20,6 +20,8 @@ def command(
     quiet: bool = QuietOpt, json_out: bool = JsonOpt, settings=None,
 ) -> None:
     """Label the sensitive set with public classes, release a noisy histogram, select public data."""
+    from ..pipeline.select_public import run_select_public
+
     with progress_bars(quiet or json_out, "select-public") as progress:
         result = run_select_public(run, settings, sigma=sigma, eps_query=eps_query, top_k=top_k, select=select,
                                    delta=delta, method=method, progress=progress)

@@ -45,11 +45,12 @@ class ProtocolResult:
 
     @property
     def accuracy_best(self) -> float:
-        """Max over classifiers of real-test accuracy: how DPImageBench's tables report utility."""
+        """Max over classifiers of real-test accuracy (DPImageBench's tables report the mean instead)."""
         return self.accuracies[self.best_classifier]
 
     @property
     def accuracy_mean(self) -> float:
+        """Mean over classifiers of real-test accuracy: the headline, as DPImageBench's tables report it."""
         return float(np.mean(list(self.accuracies.values())))
 
     def to_dict(self) -> dict:

@@ -9,6 +9,11 @@
 * ``test-set-selection``: the score is real-test accuracy. A data-dependent choice
   on the sensitive test set that no ledger covers: never DP, shown only to measure
   how much it overstates accuracy.
+* ``dpimagebench-val``: how DPImageBench's published tables choose checkpoints
+  (its evaluator's default ``eval.mode=val``): the score is the UN-noised accuracy
+  on a hold-out of the sensitive training set (5,000 images there). It reads
+  sensitive data without noise, so it is NOT DP either: a named comparison for
+  figures put beside the published ones, never a DP result.
 
 Every rule picks the first epoch with the highest score.
 """
@@ -25,7 +30,9 @@ from dpsynth.validation import check_choice
 DP_SAFE = "dp-safe-selection"
 NOISY_VAL = "noisy-val"
 TEST_SET = "test-set-selection"
-PROTOCOLS = (DP_SAFE, NOISY_VAL, TEST_SET)
+DPIMAGEBENCH_VAL = "dpimagebench-val"
+PROTOCOLS = (DP_SAFE, NOISY_VAL, TEST_SET, DPIMAGEBENCH_VAL)
+HOLDOUT_PROTOCOLS = (NOISY_VAL, DPIMAGEBENCH_VAL)  # these score on the run's sensitive hold-out
 
 
 def is_dp_safe(protocol: str) -> bool:

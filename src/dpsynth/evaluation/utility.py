@@ -1,8 +1,9 @@
 """Downstream utility: train classifiers on synthetic data, test them on real data.
 
-Three checkpoint-selection protocols (rules in `selection`): DP-safe selection on a
+Four checkpoint-selection protocols (rules in `selection`): DP-safe selection on a
 synthetic validation split, noisy-val on a sensitive hold-out with ledger-charged
-noise, and the flawed test-set selection (never DP). `evaluate_protocols` trains each
+noise, the flawed test-set selection (never DP), and DPImageBench's own rule (un-noised
+accuracy on the sensitive hold-out; never DP, a named comparison with its tables). `evaluate_protocols` trains each
 classifier ONCE on the synthetic-train split and applies every requested rule to that
 one trajectory, so a comparison measures the selection rule alone.
 
@@ -28,7 +29,8 @@ from dpsynth.evaluation.classifier_fit import (Progress, accuracies_in_one_pass,
                                                correct_count, synthetic_split, train_with_rules)
 from dpsynth.evaluation.classifiers import classifier_names
 from dpsynth.evaluation.results import NoisyVal, ProtocolResult
-from dpsynth.evaluation.selection import DP_SAFE, NOISY_VAL, PROTOCOLS, TEST_SET, best_epoch, check_protocol
+from dpsynth.evaluation.selection import (DP_SAFE, DPIMAGEBENCH_VAL, NOISY_VAL, PROTOCOLS, TEST_SET, best_epoch,
+                                          check_protocol)
 from dpsynth.mechanisms.noisy_val import add_noise
 from dpsynth.validation import check_positive
 
@@ -90,6 +92,14 @@ def _check_settings(protocols, classifiers, epochs, batch_size, lr, num_classes,
         raise BadInput(f"images must be square, got {image_shape[1]}x{image_shape[2]}")
 
 
+def _holdout_size(protocol: str, noisy_val: NoisyVal | None, sensitive_val: tuple | None) -> int:
+    if protocol == NOISY_VAL:
+        return int(noisy_val.images.shape[0])
+    if protocol == DPIMAGEBENCH_VAL:
+        return int(sensitive_val[0].shape[0])
+    return 0
+
+
 def evaluate_protocols(
     synthetic_images: torch.Tensor,
     synthetic_labels: torch.Tensor,
@@ -99,6 +109,7 @@ def evaluate_protocols(
     protocols: Sequence[str] = (DP_SAFE,),
     classifiers: Sequence[str] = ("cnn",),
     noisy_val: NoisyVal | None = None,
+    sensitive_val: tuple | None = None,
     epochs: int = 10,
     batch_size: int = 256,
     lr: float = 1e-3,
@@ -113,6 +124,7 @@ def evaluate_protocols(
     It is called once: before training only when test-set-selection is requested, otherwise after
     every classifier has finished and every checkpoint is chosen. ``noisy_val`` is required for
     noisy-val; the ledger event covering its noise must already be recorded by the caller.
+    ``sensitive_val`` (images, labels) is required for dpimagebench-val (no noise: NOT DP).
     """
     check_images(synthetic_images, "synthetic_images")
     check_labels(synthetic_labels, synthetic_images.shape[0], "synthetic_labels")
@@ -122,6 +134,8 @@ def evaluate_protocols(
     check_label_values(synthetic_labels, num_classes, "synthetic_labels")
     if (NOISY_VAL in protocols) != (noisy_val is not None):
         raise BadInput("noisy-val needs the sensitive hold-out (and only noisy-val uses it)")
+    if (DPIMAGEBENCH_VAL in protocols) != (sensitive_val is not None):
+        raise BadInput("dpimagebench-val needs the sensitive validation split `sensitive_val` (and only it uses it)")
     try:
         device = torch.device(device)
     except (RuntimeError, TypeError) as exc:
@@ -160,6 +174,14 @@ def evaluate_protocols(
             return add_noise(raw, noisy_val.noise, noisy_val.scale, noisy_val.rng) / m
 
         rules[NOISY_VAL] = on_holdout
+    if DPIMAGEBENCH_VAL in protocols:
+        val_images, val_labels = sensitive_val
+        check_images(val_images, "sensitive_val images")
+        check_labels(val_labels, val_images.shape[0], "sensitive_val labels")
+        if tuple(val_images.shape[1:]) != image_shape:
+            raise BadInput(f"sensitive_val images are {tuple(val_images.shape[1:])}; expected {image_shape}")
+        # NOT DP: DPImageBench's evaluator selects on the exact accuracy of a sensitive split.
+        rules[DPIMAGEBENCH_VAL] = accuracy_on((val_images, val_labels.long()), "validation (sensitive, NOT DP)")
     if TEST_SET in protocols:
         test_set()  # NOT DP: the flawed practice reads the test set every epoch
         rules[TEST_SET] = accuracy_on(test_set, "test (selection, NOT DP)")
@@ -195,5 +217,5 @@ def evaluate_protocols(
             protocol=protocol, accuracies={c: float(a) for c, a in accs.items()}, selected_epochs=epochs_chosen,
             scores={c: [float(v) for v in scores[protocol][c]] for c in classifiers},
             train_size=int(train_x.shape[0]), val_size=int(val_x.shape[0]), epochs=epochs,
-            holdout_size=int(noisy_val.images.shape[0]) if protocol == NOISY_VAL else 0)
+            holdout_size=_holdout_size(protocol, noisy_val, sensitive_val))
     return results

@@ -43,6 +43,24 @@ def add_gaussian_noise(hist: np.ndarray, noise_multiplier: float, top_k: int,
     return hist + rng.normal(0.0, noise_multiplier * l2_sensitivity(top_k), size=hist.shape)
 
 
+def flat_rows(noisy: np.ndarray, noise_multiplier: float, top_k: int, alpha: float = 0.01) -> list[int]:
+    """Rows whose noisy counts show no public class fitting better than the others (post-processing of
+    the release only). Under "no class fits" a row's n*k votes fall evenly, so each count is its mean
+    plus sampling spread (variance at most the mean) plus the noise (variance sigma^2 k); the row is flat
+    when sum((x - mean)^2) / (sigma^2 k + mean) stays within the chi-square(C - 1) quantile 1 - alpha."""
+    from scipy.stats import chi2
+
+    num_public = noisy.shape[1]
+    limit = chi2.ppf(1.0 - alpha, num_public - 1)
+    flat = []
+    for row, counts in enumerate(np.asarray(noisy, dtype=np.float64)):
+        mean = float(counts.mean())
+        spread = float(((counts - mean) ** 2).sum()) / (noise_multiplier ** 2 * top_k + max(mean, 0.0))
+        if spread <= limit:
+            flat.append(row)
+    return flat
+
+
 def select_public_classes(noisy: np.ndarray, n_select: int) -> list[tuple[int, int]]:
     """(public class, row) pairs. Rows take turns choosing their highest noisy public class
     not yet taken by another row, so every sensitive class gets its own public classes."""

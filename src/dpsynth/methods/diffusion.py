@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
+import torch
+
+from ..errors import BadInput
 from ..mechanisms.central_images import central_sample_rate, noisy_central_images
 from ..models.edm import EDMConfig, EDMDiffusion
-from ..privacy.accountant import compose_epsilon, epsilon_upper
+from ..privacy.accountant import epsilon_upper
 from ..privacy.calibration import smallest_sigma
 from ..privacy.refusal import Shortfall, budget_refusal, round_up
 from ..privacy.events import PoissonGaussianEvent
@@ -49,52 +52,108 @@ class PrivImage(DiffusionMethod):
     uses_public_selection = uses_pretraining = True
 
 
+@dataclass(frozen=True)
+class WarmupSet:
+    """One released (DP) labelled image set the diffusion model warms up on, with its schedule."""
+
+    name: str
+    images: torch.Tensor  # uint8 (N, C, H, W)
+    labels: torch.Tensor
+    epochs: int
+    batch_size: int
+    augment: bool
+
+
+@dataclass(frozen=True)
+class WarmupRelease:
+    """What a private warm-up released, all of it DP output: the sets in training order, the
+    central images (saved as an artifact) and FETA-Pro's auxiliary generator (saved too)."""
+
+    sets: tuple[WarmupSet, ...]
+    central: tuple[torch.Tensor, torch.Tensor] | None = None
+    auxiliary: torch.nn.Module | None = None
+
+
+def check_within_target(spent: list, events: list, delta: float, target: float | None, what: str,
+                        knobs: dict[str, float]) -> None:
+    """Refuse (before anything is written) warm-up releases that would pass the run's target, naming
+    the noise that fits: each event's noise multiplier is its knob's value (`knobs`: parameter ->
+    value), so the least common factor that fits, applied to every knob and rounded up, fits too."""
+    if target is None or epsilon_upper([*spent, *events], delta) <= target:
+        return
+
+    def scaled(factor: float) -> list:
+        return [replace(e, noise_multiplier=e.noise_multiplier * factor) for e in events]
+
+    factor = smallest_sigma(lambda k: epsilon_upper([*spent, *scaled(k)], delta), float(target), 1.0, 1e4)
+    knob_text = " and ".join(f"`{name}` {round_up(value * factor):g}" for name, value in knobs.items())
+    shortfall = Shortfall(stage="pretrain", target=float(target), delta=delta, spent=tuple(spent),
+                          planned=tuple(events), what=what, param=None)
+    raise budget_refusal(shortfall, [
+        f"in this run: pretrain with {knob_text} or more (the least noise that fits)" if factor else None,
+        "or, in a new `run` directory, pretrain first, then finetune with the `eps` you want: its calibration "
+        "leaves room for the warm-up releases"])
+
+
 class DPFETA(DiffusionMethod):
     name = "dp-feta"
     description = "DP-FETA: warm-up on DP central images (noisy class means), then DP-SGD"
     uses_central_warmup = True
+    warmup_summary = "DP central images"  # `dpsynth methods`' pretrain column
     # DP-FETA's warm-up: 2000 steps of batch 50 on 50 central images, Adam 3e-4.
     pretrain_defaults = {"epochs": 2000, "batch_size": 50, "lr": 3e-4}
+    # pretrain options beyond the central images' (FETA-Pro's frequency warm-up); none here.
+    warmup_defaults: dict = {}
 
-    def plan_warmup(self, *, dataset_size: int, sigma: float, queries: int, batch: int, spent: list,
-                    delta: float, target: float | None) -> PrivatePlan:
-        """The central-image release: `queries` Poisson batches of expected size `batch`, noise
-        multiplier `sigma`, as one PoissonGaussianEvent; refused when it would pass `target`."""
+    def warmup_options(self, given: dict) -> dict:
+        """The method's own warm-up options: `given` (None values dropped) over its defaults;
+        an option the method does not take is refused by name."""
+        given = {k: v for k, v in given.items() if v is not None}
+        unknown = sorted(set(given) - set(self.warmup_defaults))
+        if unknown:
+            raise BadInput(f"`{unknown[0]}` is not an option of {self.name}'s warm-up; drop it")
+        return {**self.warmup_defaults, **given}
+
+    @staticmethod
+    def central_event(*, dataset_size: int, sigma: float, queries: int, batch: int, note: str) -> PoissonGaussianEvent:
         check_positive("central_sigma", sigma)
         check_positive("central_queries", queries, integer=True)
         check_positive("central_batch", batch, integer=True)
-        q = central_sample_rate(dataset_size, batch)
-        event = PoissonGaussianEvent(stage="pretrain", noise_multiplier=float(sigma), sample_rate=q,
-                                     steps=int(queries), note="dp-feta: central images (noisy class means)")
-        after = compose_epsilon([*spent, event], delta)
-        if target is not None and after.upper > target:
-            raise _central_refusal(event, spent, delta, float(target))
-        return PrivatePlan(events=(event,), settings={"central_sigma": float(sigma), "central_queries": int(queries),
-                                                      "central_sample_rate": q, "dataset_size": dataset_size})
+        return PoissonGaussianEvent(stage="pretrain", noise_multiplier=float(sigma),
+                                    sample_rate=central_sample_rate(dataset_size, batch), steps=int(queries),
+                                    note=note)
 
-    def release_warmup(self, images, labels, num_classes: int, *, plan: PrivatePlan):
-        """Run exactly the planned release (already in the ledger): the noisy central images."""
+    def plan_warmup(self, *, dataset_size: int, sigma: float, queries: int, batch: int, spent: list,
+                    delta: float, target: float | None, epochs: int, batch_size: int, augment: bool,
+                    options: dict | None = None) -> PrivatePlan:
+        """The central-image release: `queries` Poisson batches of expected size `batch`, noise
+        multiplier `sigma`, as one PoissonGaussianEvent; refused when it would pass `target`.
+        `epochs`, `batch_size`, `augment`: the warm-up on them (post-processing)."""
+        self.warmup_options(options or {})
+        event = self.central_event(dataset_size=dataset_size, sigma=sigma, queries=queries, batch=batch,
+                                   note="dp-feta: central images (noisy class means)")
+        check_within_target(spent, [event], delta, target, f"central images (central_sigma={sigma:g})",
+                            {"central_sigma": float(sigma)})
+        return PrivatePlan(events=(event,), settings={
+            "central_sigma": float(sigma), "central_queries": int(queries), "central_sample_rate": event.sample_rate,
+            "dataset_size": dataset_size, "central_epochs": int(epochs), "central_batch_size": int(batch_size),
+            "augment": bool(augment)})
+
+    def release_central(self, images, labels, num_classes: int, *, plan: PrivatePlan):
         s = plan.settings
         return noisy_central_images(images, labels, num_classes, noise_multiplier=s["central_sigma"],
                                     sample_rate=s["central_sample_rate"], queries=s["central_queries"],
                                     dataset_size=s["dataset_size"])
 
+    def release_warmup(self, images, labels, num_classes: int, *, plan: PrivatePlan, device=None,
+                       progress=None) -> WarmupRelease:
+        """Run exactly the planned release (already in the ledger): the noisy central images."""
+        central, central_labels = self.release_central(images, labels, num_classes, plan=plan)
+        s = plan.settings
+        warm = WarmupSet("central images", central, central_labels, s["central_epochs"], s["central_batch_size"],
+                         s["augment"])
+        return WarmupRelease(sets=(warm,), central=(central, central_labels))
+
 
 for _cls in (DPDM, PDPDiffusion, PrivImage, DPFETA):
     register_method(_cls)
-
-
-def _central_refusal(event: PoissonGaussianEvent, spent: list, delta: float, target: float):
-    """The central images would pass the run's target (set by an earlier finetune): the least
-    `central_sigma` that fits it, or a new run, where pretrain comes before finetune's target."""
-    needed = smallest_sigma(lambda s: epsilon_upper([*spent, replace(event, noise_multiplier=s)], delta), target,
-                            event.noise_multiplier, 1e4)
-    what = (f"its central images ({event.steps} queries at sample rate {event.sample_rate:.4g}, "
-            f"`central_sigma` {event.noise_multiplier:g})")
-    shortfall = Shortfall(stage="pretrain", target=target, delta=delta, spent=tuple(spent), planned=(event,),
-                          what=what, param=None)
-    return budget_refusal(shortfall, [
-        f"in this run: pretrain `central_sigma` {round_up(needed):g} or more (the least noise that fits)"
-        if needed is not None else None,
-        "or, in a new `run` directory, pretrain first, then finetune with the `eps` you want: its calibration "
-        "leaves room for the central images"])

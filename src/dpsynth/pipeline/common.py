@@ -22,6 +22,7 @@ from .holdout import check_holdout, holdout_record, split_off
 from .sensitive_test import load_sensitive_test
 
 from ..progress import Progress, no_progress  # noqa: F401  (the one progress signature; re-exported)
+from ..notices import NOTICES  # noqa: F401  (one-time messages for the CLI; re-exported)
 
 
 @dataclass(frozen=True)
@@ -71,6 +72,10 @@ def _load_full(settings: DataSettings, split: str) -> ImageSet:
                           channels=settings.channels, seed=settings.seed)
     if split != "train" or settings.limit is None:
         return images
+    return _limited(settings, images)
+
+
+def _limited(settings: DataSettings, images: ImageSet) -> ImageSet:
     keep = keyed_members(images, load_owner_key(), _limit_fraction(settings, len(images)), "limit", settings.seed)
     if not keep.any():
         raise BadInput(f"limit={settings.limit} of {len(images)} sensitive images kept none; use a larger `limit`")
@@ -90,8 +95,8 @@ def load_holdout(run: RunDir) -> ImageSet:
     settings = settings_from_run(run)
     record = run.manifest.get("holdout") or {}
     if not settings.holdout or not record.get("size"):
-        raise BadInput(f"run {run.path} has no sensitive hold-out; noisy-val needs one: create the run with "
-                       f"`holdout` FRACTION (e.g. `holdout` 0.1)")
+        raise BadInput(f"run {run.path} has no sensitive hold-out; noisy-val and dpimagebench-val need one: "
+                       f"create the run with `holdout` FRACTION (e.g. `holdout` 0.0833: 5,000 of 60,000)")
     key = load_owner_key()
     _, held = split_off(_load_full(settings, "train"), settings.holdout, settings.seed, key)
     if "tag" not in record:  # runs made before keyed tags recorded the hold-out's indices, not its content
@@ -182,8 +187,6 @@ def check_same_data(run: RunDir, images: ImageSet, key: str = "sensitive") -> No
                        f"membership oracle) with a keyed tag under owner key {owner.key_id}")
 
 
-# One-time messages for the CLI to print (the library never prints).
-NOTICES: list[str] = []
 
 
 def open_or_create_run(run_path: str | Path, *, method: str | None, settings: DataSettings | None,
@@ -220,7 +223,9 @@ def open_or_create_run(run_path: str | Path, *, method: str | None, settings: Da
     method_obj = get_method(method or "privimage-cvae")
     owner = load_owner_key()
     check_outside(owner, run_path)
-    full = _load_full(settings, "train")
+    whole = load_dataset(settings.sensitive, "train", root=settings.data_root, resolution=settings.resolution,
+                         channels=settings.channels, seed=settings.seed)
+    full = whole if settings.limit is None else _limited(settings, whole)
     if full.labels is None or full.num_classes < 1:
         raise BadInput(f"sensitive dataset {settings.sensitive} has no labels; the conditional generators need them")
     # The hold-out is decided here, before any mechanism reads the data, and never changes.
@@ -234,6 +239,9 @@ def open_or_create_run(run_path: str | Path, *, method: str | None, settings: Da
         basis = SIZE_DECLARED
     else:
         n, n_train, basis = len(full), len(sensitive), SIZE_TRUE
+    n_whole = len(whole) if settings.public_size is None else settings.public_size
+    if delta is None and settings.limit is not None and n != n_whole:
+        NOTICES.append(_limit_moves_delta(n, n_whole))
     delta = delta if delta is not None else default_delta(n)
     if delta >= 1.0 / n:
         raise BadInput(f"delta={delta:g} must be < 1/N = {1.0 / n:.3g} for N={n} images")
@@ -247,6 +255,12 @@ def open_or_create_run(run_path: str | Path, *, method: str | None, settings: Da
         event = reservation_event(settings.noisy_val_eps, [], delta)
         run.record_event(event, compose_epsilon([event], delta), save=False)
     return run, sensitive
+
+
+def _limit_moves_delta(n: int, n_whole: int) -> str:
+    """The default delta follows N, and `limit` sets N: say so once, with both values."""
+    return (f"delta = 1/(N ln N) = {default_delta(n):.3g} for the N = {n:,} images `limit` keeps "
+            f"(the whole set, N = {n_whole:,}, would give {default_delta(n_whole):.3g}); pass `delta` to set it")
 
 
 def cache_dir() -> Path:

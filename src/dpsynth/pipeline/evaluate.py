@@ -6,7 +6,9 @@ set disjoint from the training set: named sets keep their official test split, `
 training images). The one selection
 that reads sensitive data the generator never saw, noisy-val, is a ledger event: it is
 either reserved at run creation (`--noisy-val-eps`) or charged here, and a charge that
-would take the run past its target epsilon is refused before anything is written.
+would take the run past its target epsilon is refused before anything is written. DPImageBench's own
+selection (dpimagebench-val: un-noised accuracy on that hold-out) is offered only as a named
+comparison with its published tables, marked NOT DP in every row it produces.
 """
 
 from __future__ import annotations
@@ -32,10 +34,11 @@ from ..evaluation.fidelity import (INCEPTION, extract_features, extract_probabil
 from ..evaluation.fld import fld
 from ..evaluation.inception_score import inception_score
 from ..evaluation.manifold import precision_recall
-from ..evaluation.selection import DP_SAFE, NOISY_VAL, PROTOCOLS, TEST_SET, check_protocol
+from ..evaluation.selection import (DP_SAFE, DPIMAGEBENCH_VAL, HOLDOUT_PROTOCOLS, NOISY_VAL, PROTOCOLS, TEST_SET,
+                                    check_protocol)
 from ..mechanisms.noisy_val import RESERVED, charge_event, check_noise, noise_rng, noisy_val_scale
 from ..evaluation.results import NoisyVal
-from ..evaluation.utility import evaluate_protocols, parse_classifiers
+from ..evaluation.utility import CLASSIFIER_GROUPS, evaluate_protocols, parse_classifiers
 from ..privacy.accountant import compose_epsilon, epsilon_upper
 from ..privacy.refusal import Shortfall, budget_refusal, round_down
 from ..privacy.events import event_from_dict
@@ -54,8 +57,12 @@ FIDELITY_ONLY = "fidelity-only"  # results key of an evaluation that trains no c
 IMAGE_REWARD_UNAVAILABLE = ("unavailable: ImageReward needs its reward model (ImageReward-v1.0) and BLIP/BERT "
                             "weights from Hugging Face, which this offline machine cannot fetch; it also scores "
                             "text-image alignment, so it needs a prompt per class")
-ACCURACY_NOTE = ("accuracy = best over the classifiers of their real-test accuracy (DPImageBench's tables); "
-                 "accuracy_mean = their mean; each classifier's checkpoint is chosen by the protocol")
+ACCURACY_NOTE = ("accuracy = mean over the classifiers of their real-test accuracy (as DPImageBench's tables "
+                 "combine them); accuracy_best = the best one; each classifier's checkpoint is chosen by the "
+                 "protocol")
+DPIMAGEBENCH_NOTE = ("NOT DP: checkpoints chosen by UN-noised accuracy on the run's sensitive hold-out, as "
+                     "DPImageBench's evaluator does for its published tables (eval.mode=val, 5,000 images there); "
+                     "a comparison with those tables, never a DP result")
 
 
 def run_evaluate(run_path: str | Path, *, protocol: str = DP_SAFE, classifier: str = "cnn", epochs: int = 10,
@@ -94,13 +101,15 @@ def run_evaluate(run_path: str | Path, *, protocol: str = DP_SAFE, classifier: s
 
     protocols = [] if fidelity_only else list(PROTOCOLS) if compare_protocols else [protocol]
     unavailable = {}
-    if NOISY_VAL in protocols and not (run.manifest.get("holdout") or {}).get("size"):
-        reason = (f"run {run.path} has no sensitive hold-out; noisy-val needs one: create the run with "
-                  f"`holdout` FRACTION (e.g. `holdout` 0.1)")
+    for needs_holdout in [p for p in protocols if p in HOLDOUT_PROTOCOLS]:
+        if (run.manifest.get("holdout") or {}).get("size"):
+            break
+        reason = (f"run {run.path} has no sensitive hold-out; {needs_holdout} needs one: create the run with "
+                  f"`holdout` FRACTION (e.g. `holdout` 0.0833 holds out 5,000 of 60,000, as DPImageBench does)")
         if not compare_protocols:
             raise BadInput(reason)
-        protocols.remove(NOISY_VAL)
-        unavailable[NOISY_VAL] = "unavailable: " + reason
+        protocols.remove(needs_holdout)
+        unavailable[needs_holdout] = "unavailable: " + reason
     # Privacy first: the noisy-val event is decided and checked before anything is computed or written.
     plan = None
     if NOISY_VAL in protocols:
@@ -117,7 +126,7 @@ def run_evaluate(run_path: str | Path, *, protocol: str = DP_SAFE, classifier: s
     # held here and handed to the classifiers only through load_test, after selection, like a named one.
     given_test = load_sensitive_test(test_spec, settings, real) if test_spec else None
     features = _feature_network(run, settings, feature_public, inception_weights, torch_device)
-    holdout = load_holdout(run) if plan else None
+    holdout = load_holdout(run) if plan or DPIMAGEBENCH_VAL in protocols else None
 
     test_cache: dict = {}
 
@@ -138,6 +147,7 @@ def run_evaluate(run_path: str | Path, *, protocol: str = DP_SAFE, classifier: s
         utilities = {} if fidelity_only else evaluate_protocols(
             fake_images, fake_labels, load_test, sens["num_classes"], protocols=protocols,
             classifiers=classifiers, noisy_val=noisy, epochs=epochs, batch_size=batch_size, seed=settings.seed,
+            sensitive_val=(holdout.images, holdout.labels) if DPIMAGEBENCH_VAL in protocols else None,
             device=torch_device, progress=progress)
         fidelity = _fidelity(run, settings, real, fake_images, load_test()[0] if has_test else None, features,
                              fid_max_real, batch_size, progress, torch_device)
@@ -301,6 +311,7 @@ def _fidelity(run, settings, real, fake_images, test_images, features, fid_max_r
         fake_images, features, device=device, batch_size=batch_size, progress=progress,
         phase="class-probabilities-fake"))
     is_mean, is_std = inception_score(probs, splits=min(10, len(probs)))
+    nearer = _public_nearer(run, settings, f_real, f_fake, features, feats, capped)
     suffix = "_inception" if features.kind == INCEPTION else "_domain"
     note = ("Inception-v3 features (clean-fid weights)" if features.kind == INCEPTION else
             "domain-feature metrics on the named network (trained on public data only); not comparable to "
@@ -312,14 +323,55 @@ def _fidelity(run, settings, real, fake_images, test_images, features, fid_max_r
             ("is", is_mean), ("is_std", is_std))},
         "feature_network": features.name,
         "feature_kind": features.kind,
-        "fid_reference": f"sensitive training set: {run.manifest['sensitive']['name']} ({len(f_real)} images "
+        # Under --public-size the true N is secret: counts that can equal it are not written.
+        "fid_reference": f"sensitive training set: {run.manifest['sensitive']['name']} "
+                         f"({f'up to {fid_max_real}' if settings.public_size else len(f_real)} images "
                          f"the generator was trained on)",
-        "fld_samples": fld_samples,
+        "fld_samples": fld_samples if not settings.public_size or fld_samples == max_fld else None,
         "image_reward": None,
         "image_reward_note": IMAGE_REWARD_UNAVAILABLE,
         "fid_note": note,
+        **nearer,
         "feature_cache": {"hits": cache.hits, "misses": cache.misses},
     }
+
+
+def public_nearer_warning(result: dict) -> str | None:
+    """The one-line warning of a result whose synthetic set is nearer the public set; None otherwise."""
+    return result.get("warning") if result.get("public_nearer") else None
+
+
+def _public_nearer(run, settings, f_real, f_fake, features, feats, capped) -> dict:
+    """Is the synthetic set nearer the public set than the sensitive one? A generator that never left
+    its public pretraining (or a DP step too noisy to move it) hands back pictures of the public set.
+
+    FID on the evaluation's own network, from the synthetic set to n sensitive training images (the
+    images FID already uses, subsampled) and to n public images (the whole public train split, not only
+    a selected subset), with n the smaller of the two sets, so the two distances have the same
+    sample-size bias. The sensitive side is the same reporting figure as the fidelity metrics (see
+    NOT_ACCOUNTED); n is not written, since it may be the true size of the sensitive set. Not run
+    (public_nearer None) when the run has no public set."""
+    name = (run.manifest.get("public") or {}).get("name")
+    if not name:
+        return {"public_nearer": None, "nearer_check": "not run: the run has no public set"}
+    sens = run.manifest["sensitive"]
+    public = _public_set(name, settings.data_root, sens["resolution"], sens["channels"])
+    n = min(len(f_real), len(public))
+    if n < 2:
+        return {"public_nearer": None, "nearer_check": f"not run: fewer than 2 images in {name} or the sensitive set"}
+    f_public = feats(capped(public.images, n), "features-public")
+    f_sensitive = capped(torch.from_numpy(f_real), n).numpy()
+    to_sensitive, to_public = fid_from_features(f_sensitive, f_fake), fid_from_features(f_public, f_fake)
+    nearer = bool(to_public < to_sensitive)
+    check = (f"FID on {features.name} of the synthetic set to the sensitive training images FID uses "
+             f"({sens['name']}, at most the public set's size) and to as many public images ({name})")
+    row = {"public_nearer": nearer, "nearer_fid_sensitive": to_sensitive, "nearer_fid_public": to_public,
+           "nearer_check": check}
+    if nearer:
+        row["warning"] = (f"the synthetic set is nearer the public set {name} (FID {to_public:.4g}) than the "
+                          f"sensitive set {sens['name']} (FID {to_sensitive:.4g}) on {features.name}: the "
+                          f"generator may be reproducing the public domain; look at samples.png")
+    return row
 
 
 # ---- results ----------------------------------------------------------------------------------
@@ -337,7 +389,7 @@ def _result_row(run, utility, fidelity, plan, n_synthetic) -> dict:
         "protocol": utility.protocol,
         "dp_safe": utility.dp_safe,
         "classifier": ",".join(result["classifiers"]),
-        "accuracy": result["accuracy_best"],
+        "accuracy": result["accuracy_mean"],
         "accuracy_best": result["accuracy_best"],
         "best_classifier": result["best_classifier"],
         "accuracy_mean": result["accuracy_mean"],
@@ -345,6 +397,8 @@ def _result_row(run, utility, fidelity, plan, n_synthetic) -> dict:
         "selected_epoch": {c: v["selected_epoch"] for c, v in result["per_classifier"].items()},
         "per_classifier": result["per_classifier"],
         "train_size": result["train_size"], "val_size": result["val_size"],
+        "epochs": result["epochs"],
+        "epoch_note": f"selected_epoch is 1-based: 1 = the checkpoint after the first of {result['epochs']} epochs",
         **{k: v for k, v in fidelity.items() if k != "feature_cache"},
         "n_synthetic": int(n_synthetic),
         "epsilon": run.manifest["privacy"]["epsilon"],
@@ -357,6 +411,10 @@ def _result_row(run, utility, fidelity, plan, n_synthetic) -> dict:
     if utility.protocol == TEST_SET:
         row["not_dp"] = "NOT DP: checkpoints chosen by accuracy on the sensitive test set (shown only to measure " \
                         "how much that overstates accuracy)"
+    if utility.protocol == DPIMAGEBENCH_VAL:
+        three = CLASSIFIER_GROUPS["dpimagebench"]
+        row.update(not_dp=DPIMAGEBENCH_NOTE, holdout_size=result["holdout_size"],
+                   dpimagebench_classifiers=sorted(result["classifiers"]) == sorted(three))
     return row
 
 
@@ -381,6 +439,8 @@ def _summary(per_protocol: dict, protocol: str, compare: bool, unavailable: dict
         if NOISY_VAL in per_protocol:
             results["noisy_val_accuracy"] = per_protocol[NOISY_VAL]["accuracy"]
             results["overstatement_vs_noisy_val"] = flawed - per_protocol[NOISY_VAL]["accuracy"]
+        if DPIMAGEBENCH_VAL in per_protocol:
+            results["dpimagebench_val_accuracy_NOT_DP"] = per_protocol[DPIMAGEBENCH_VAL]["accuracy"]
         results.update({f"{name}": reason for name, reason in unavailable.items()})
         results["epsilon"] = max(row["epsilon"] for row in per_protocol.values())
     return results

@@ -17,7 +17,7 @@ from ..validation import check_positive
 from .common import Progress, no_progress, torch_load_bytes
 from .lifecycle import stage_run
 from .names import FINETUNE as FINETUNE_STAGE, GENERATE as STAGE, GENERATOR, GRID, SYNTHETIC
-from .rundir import RunDir
+from .rundir import RunDir, now
 
 
 
@@ -46,6 +46,7 @@ def run_generate(run_path: str | Path, *, n: int = 10000, seed: int = 0, batch_s
         check_positive("guidance", options["guidance"], zero_ok=True)  # 0: plain class-conditional sampling
     torch_device = resolve_device(device)
     run.require_stage(FINETUNE_STAGE, STAGE)
+    started = now()  # sampling runs before the stage's entry opens (it writes only at the end)
     state = torch_load_bytes(run.read_artifact(GENERATOR))
     sens = run.manifest["sensitive"]
     model = method.generator_from_config(state["config"])
@@ -71,7 +72,7 @@ def run_generate(run_path: str | Path, *, n: int = 10000, seed: int = 0, batch_s
         save_image(images[order].float() / 255.0, buffer, nrow=per_class, padding=2, format="png")
 
     config = {"n": n, "seed": seed, "weights": weights, "device": str(torch_device), **options}
-    with stage_run(run, STAGE, config, inputs=[GENERATOR]):
+    with stage_run(run, STAGE, config, inputs=[GENERATOR], started=started):
         run.write_artifact(STAGE, SYNTHETIC, write_npz)
         run.write_artifact(STAGE, GRID, write_grid)
     return {"n": n, "weights": weights, **options, "seconds": round(elapsed, 2),

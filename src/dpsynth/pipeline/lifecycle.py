@@ -32,12 +32,13 @@ def record_events(run: RunDir, events: Sequence[PrivacyEvent]) -> None:
 @contextlib.contextmanager
 def stage_run(run: RunDir, stage: str, config: dict, *, inputs: Sequence[str] = (),
               events: Sequence[PrivacyEvent] = (), target_epsilon: float | None = None,
-              resumed_from: int | None = None) -> Iterator[RunDir]:
+              resumed_from: int | None = None, started: str | None = None) -> Iterator[RunDir]:
     """`resumed_from`: continue an interrupted stage from this step under the events it already
-    recorded (no new begin, no new event); the stage's entry says when and from where."""
+    recorded (no new begin, no new event); the stage's entry says when and from where. `started`:
+    when the stage's work began, if before this call (`rundir.now()` then); default now."""
     with run.lock():
         if resumed_from is None:
-            run.begin_stage(stage, config, inputs=list(inputs))
+            run.begin_stage(stage, config, inputs=list(inputs), started=started)
         else:
             entry = run.manifest["stages"][stage]
             entry["status"] = "running"

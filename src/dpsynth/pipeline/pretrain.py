@@ -2,8 +2,10 @@
 
 - public pretraining (PDP-Diffusion, PrivImage, the CVAE methods): non-private training on
   public data, the selected subset relabelled when select-public ran; no privacy cost;
-- DP-FETA's warm-up: DP central images of the SENSITIVE set (a ledger event written before
-  they exist), then non-private training on them (post-processing).
+- a private warm-up (DP-FETA: DP central images of the SENSITIVE set; FETA-Pro: those and one
+  DP random-Fourier-feature release that an auxiliary generator is fitted to), each release a
+  ledger event written before any of them exists, then non-private training on what they
+  released (post-processing).
 Methods that use neither say so and change nothing.
 """
 
@@ -26,7 +28,7 @@ from ..validation import check_positive
 from .common import (DataSettings, Progress, declared_size, load_public, no_progress, open_or_create_run,
                      settings_from_run, torch_bytes)
 from .lifecycle import stage_run
-from .names import CENTRAL, PRETRAIN as STAGE, PRETRAINED, SELECT_PUBLIC as SELECT_STAGE, SELECTION
+from .names import AUXILIARY, CENTRAL, PRETRAIN as STAGE, PRETRAINED, SELECT_PUBLIC as SELECT_STAGE, SELECTION
 
 
 
@@ -34,13 +36,19 @@ def run_pretrain(run_path: str | Path, settings: DataSettings | None = None, *, 
                  batch_size: int | None = None, lr: float | None = None, method: str | None = None,
                  delta: float | None = None, arch: str | dict | None = None, device: str | None = None,
                  central_sigma: float = 5.0, central_queries: int = 5, central_batch: int = 6000,
-                 augment: bool = True, progress: Progress = no_progress) -> dict:
+                 augment: bool = True, warmup: dict | None = None, progress: Progress = no_progress) -> dict:
+    """`warmup`: a private warm-up's own options beyond the central images' (FETA-Pro's
+    freq_sigma, warmup_order, freq_epochs, freq_batch_size, aux_opts); None values are unset."""
     if method is not None and not get_method(method).uses_pretrain_stage:
         return _skipped(method)
     run, sensitive = open_or_create_run(run_path, method=method, settings=settings, delta=delta)
     method_obj = get_method(run.manifest["method"], parse_arch(arch))
     if not method_obj.uses_pretrain_stage:
         return _skipped(method_obj.name)
+    warmup = {k: v for k, v in (warmup or {}).items() if v is not None}
+    if warmup and not method_obj.uses_central_warmup:
+        raise BadInput(f"`{sorted(warmup)[0]}` applies to a private warm-up (dp-feta, feta-pro), not to "
+                       f"{method_obj.name}; drop it")
     defaults = method_obj.pretrain_defaults
     epochs = defaults["epochs"] if epochs is None else epochs
     batch_size = defaults["batch_size"] if batch_size is None else batch_size
@@ -56,7 +64,7 @@ def run_pretrain(run_path: str | Path, settings: DataSettings | None = None, *, 
     if method_obj.uses_central_warmup:
         return _central_warmup(run, sensitive, method_obj, generator, epochs=epochs, batch_size=batch_size, lr=lr,
                                sigma=central_sigma, queries=central_queries, central_batch=central_batch,
-                               augment=augment, device=torch_device, progress=progress)
+                               augment=augment, options=warmup, device=torch_device, progress=progress)
 
     data = settings_from_run(run) if run.manifest["stages"] or settings is None else settings
     if settings is not None and settings.public:
@@ -100,28 +108,48 @@ def _save_generator(run, generator) -> None:
 
 
 def _central_warmup(run, sensitive, method_obj, generator, *, epochs, batch_size, lr, sigma, queries, central_batch,
-                    augment, device, progress) -> dict:
-    """A method's private warm-up (DP-FETA: noisy central images, one ledger event), then
-    non-private training on what it released (post-processing)."""
+                    augment, options, device, progress) -> dict:
+    """A method's private warm-up: its releases of the sensitive set (DP-FETA: the noisy central
+    images; FETA-Pro: those and one random-Fourier-feature release), every event written before
+    any release runs; then non-private training on what they released (post-processing), one
+    released set after another in the method's order."""
     plan = method_obj.plan_warmup(dataset_size=declared_size(run), sigma=sigma, queries=queries,
                                   batch=central_batch, spent=run.events(), delta=run.delta,
-                                  target=run.manifest["privacy"].get("target_epsilon"))
+                                  target=run.manifest["privacy"].get("target_epsilon"), epochs=epochs,
+                                  batch_size=batch_size, augment=augment, options=options)
     config = {"epochs": epochs, "batch_size": batch_size, "lr": lr, **plan.settings, "augment": augment,
               "device": str(device), "generator": generator.cfg.to_dict()}
-    with stage_run(run, STAGE, config, events=plan.events):  # written before any noisy mean exists
-        central, labels = method_obj.release_warmup(sensitive.images, sensitive.labels, sensitive.num_classes,
-                                                    plan=plan)
+    with stage_run(run, STAGE, config, events=plan.events):  # written before any release exists
+        release = method_obj.release_warmup(sensitive.images, sensitive.labels, sensitive.num_classes,
+                                            plan=plan, device=device, progress=progress)
+        if release.central is not None:
+            central, labels = release.central
 
-        def write_npz(buffer: io.BytesIO) -> None:
-            np.savez_compressed(buffer, images=central.numpy(), labels=labels.numpy())
+            def write_npz(buffer: io.BytesIO) -> None:
+                np.savez_compressed(buffer, images=central.numpy(), labels=labels.numpy())
 
-        run.write_artifact(STAGE, CENTRAL, write_npz)
-        train_nonprivate(generator.to(device), central, labels, method_obj.per_sample_loss, epochs=epochs,
-                         batch_size=batch_size, lr=lr, seed=0, augment=_rand_augment() if augment else None,
-                         progress=progress, phase="warm-up (central images)")
+            run.write_artifact(STAGE, CENTRAL, write_npz)
+        if release.auxiliary is not None:  # FETA-Pro's auxiliary generator: fitted to a DP release only
+            run.write_artifact(STAGE, AUXILIARY, torch_bytes({"state_dict": release.auxiliary.state_dict(),
+                                                               "config": release.auxiliary.cfg.to_dict()}))
+        generator = generator.to(device)
+        for warm in release.sets:
+            train_nonprivate(generator, warm.images, warm.labels, method_obj.per_sample_loss, epochs=warm.epochs,
+                             batch_size=warm.batch_size, lr=lr, seed=0,
+                             augment=_rand_augment() if warm.augment else None, progress=progress,
+                             phase=f"warm-up ({warm.name})")
         _save_generator(run, generator)
-    return {"central_images": int(len(central)), **plan.settings,
-            "epsilon_spent": compose_epsilon(run.events(), run.delta).upper, "epochs": epochs}
+    result = {**_scalars(plan.settings), "warmup_sets": [{"name": w.name, "images": int(len(w.images)),
+                                                          "epochs": w.epochs, "batch_size": w.batch_size}
+                                                         for w in release.sets],
+              "epsilon_spent": compose_epsilon(run.events(), run.delta).upper, "epochs": epochs}
+    if release.central is not None:
+        result["central_images"] = int(len(release.central[0]))
+    return result
+
+
+def _scalars(settings: dict) -> dict:
+    return {k: v for k, v in settings.items() if isinstance(v, (int, float, str))}
 
 
 def _rand_augment():

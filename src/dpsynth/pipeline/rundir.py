@@ -20,7 +20,7 @@ import secrets
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import yaml
 
@@ -28,12 +28,15 @@ from .. import __version__
 from ..errors import BadInput, IntegrityError, RunDirError, StorageError
 from ..privacy.events import SCHEMA_VERSION as EVENT_SCHEMA_VERSION
 from ..privacy.events import PrivacyEvent, event_from_dict
-from ..privacy.accountant import EpsilonBounds
+from .names import DEFAULT_RUN  # noqa: F401  (declared with the other run-directory names)
+from .names import PRETRAIN, SELECT_PUBLIC, STAGES
+
+if TYPE_CHECKING:  # readers of run directories (ledger, report) need not load the accountant
+    from ..privacy.accountant import EpsilonBounds
 
 MANIFEST = "manifest.yaml"
 LOCK = ".lock"
 MANIFEST_SCHEMA_VERSION = 1
-DEFAULT_RUN = "runs/latest"
 
 
 def now() -> str:
@@ -230,12 +233,14 @@ class RunDir:
             self.save()
 
     # ---- stages -------------------------------------------------------------------------
-    def begin_stage(self, stage: str, config: dict, inputs: list[str]) -> None:
+    def begin_stage(self, stage: str, config: dict, inputs: list[str], started: str | None = None) -> None:
+        """`started`: when the stage's work began, if before this call (work that needs no lock or
+        event, e.g. select-public's query network and labelling); default now."""
         for name in inputs:
             self.verify_artifact(name)
         self.manifest["stages"][stage] = {
             "status": "running",
-            "started": now(),
+            "started": started or now(),
             "ended": None,
             "command": " ".join(sys.argv) if sys.argv else "",
             "config": config,
@@ -256,9 +261,22 @@ class RunDir:
         return self.manifest["stages"].get(stage, {}).get("status") == "completed"
 
     def require_stage(self, stage: str, needed_by: str) -> None:
-        if not self.stage_done(stage):
-            raise RunDirError(f"stage '{needed_by}' needs '{stage}' to have completed in {self.path}; "
-                              f"run 'dpsynth {stage}' on it first")
+        """Refuses unless `stage` completed, naming every stage still missing before `needed_by`
+        (of those the run's method uses), in order: not only the nearest one."""
+        if self.stage_done(stage):
+            return
+        before = STAGES[:STAGES.index(needed_by)]
+        missing = [s for s in self._stages_used() if s in before and not self.stage_done(s)]
+        missing = missing if stage in missing else [stage]
+        raise RunDirError(f"stage '{needed_by}' needs {', '.join(repr(s) for s in missing)} to have completed in "
+                          f"{self.path}; run " + ", then ".join(f"'dpsynth {s}'" for s in missing) + " on it first")
+
+    def _stages_used(self) -> list[str]:
+        from ..methods import get_method  # only on this error path: the methods import torch
+
+        method = get_method(self.manifest["method"])
+        skipped = {SELECT_PUBLIC: not method.uses_public_selection, PRETRAIN: not method.uses_pretrain_stage}
+        return [s for s in STAGES if not skipped.get(s, False)]
 
     # ---- artifacts ----------------------------------------------------------------------
     def write_artifact(self, stage: str, name: str, data: bytes | Callable[[io.BytesIO], None]) -> Path:

@@ -14,8 +14,9 @@ from ..models.query_net import predict_topk
 from ..privacy.accountant import compose_epsilon, epsilon_upper
 from ..privacy.plans import gaussian_release_sigma
 from ..privacy.events import GaussianEvent
-from ..mechanisms.semantic_query import add_gaussian_noise, select_public_classes, semantic_histogram
+from ..mechanisms.semantic_query import add_gaussian_noise, flat_rows, select_public_classes, semantic_histogram
 from .lifecycle import stage_run
+from .rundir import now
 from .names import SELECT_PUBLIC as STAGE, SELECTION
 from ..validation import check_positive
 from .common import (DataSettings, Progress, load_public, public_record, no_progress,
@@ -33,6 +34,7 @@ def run_select_public(run_path: str | Path, settings: DataSettings, *, sigma: fl
                       eps_query: float | None = None, top_k: int = 1, select: int | None = None,
                       delta: float | None = None, method: str | None = None,
                       progress: Progress = no_progress) -> dict:
+    started = now()  # loading, the query network and the labelling come before the stage's entry opens
     if method is not None and not get_method(method).uses_public_selection:
         return _skipped(method)
 
@@ -71,9 +73,16 @@ def run_select_public(run_path: str | Path, settings: DataSettings, *, sigma: fl
     run.manifest["public"] = public_record(public)
     config = {"sigma": float(sigma), "eps_query": eps_query, "top_k": top_k, "select": n_select,
               "query_network": net_identity}
-    with stage_run(run, STAGE, config, events=[event]):  # the event is written before the noisy histogram exists
+    # The event is written before the noisy histogram exists.
+    with stage_run(run, STAGE, config, events=[event], started=started):
         noisy = add_gaussian_noise(hist, sigma, top_k)
-        chosen = select_public_classes(noisy, n_select)
+        flat = flat_rows(noisy, sigma, top_k)
+        if len(flat) == rows:
+            # No public class fits better than chance: a "selection" would be noise. Pretrain on the whole
+            # public set instead (labels folded onto the sensitive classes, as pretraining without selection).
+            chosen = [(c, c % rows) for c in range(public.num_classes)]
+        else:
+            chosen = select_public_classes(noisy, n_select)
         selected_classes = [p for p, _ in chosen]
         indices = np.nonzero(np.isin(public.labels.numpy(), selected_classes))[0]
         selection = {
@@ -85,8 +94,21 @@ def run_select_public(run_path: str | Path, settings: DataSettings, *, sigma: fl
                           "public_class_name": (public.class_names[p] if public.class_names else str(p))}
                          for p, r in chosen],
             "public_indices": indices.tolist(),
+            "flat_rows": flat,
         }
+        if flat:
+            selection["flat_warning"] = _flat_warning(flat, rows, public.name)
         run.write_artifact(STAGE, SELECTION, json.dumps(selection).encode())
-    return {"epsilon_spent": eps_after, "noise_multiplier": float(sigma), "selected": selection["selected"],
+    extra = {"warning": selection["flat_warning"]} if flat else {}
+    return {**extra, "epsilon_spent": eps_after, "noise_multiplier": float(sigma), "selected": selection["selected"],
             "public_images": int(len(indices)), "public_fraction": len(indices) / len(public),
             "query_network": net_identity, "delta": run.delta}
+
+
+def _flat_warning(flat: list[int], rows: int, public: str) -> str:
+    if len(flat) == rows:
+        return (f"the noisy semantic histogram is flat: no class of public set {public} fits the sensitive data "
+                f"better than chance, so none was selected and pretraining uses the whole public set; a public "
+                f"set of the sensitive domain, or a method without public pretraining, may serve better")
+    return (f"for sensitive classes {flat} the noisy semantic histogram is flat (no class of public set {public} "
+            f"fits them better than chance); their selected public classes are arbitrary")

@@ -35,7 +35,7 @@ from ...privacy.plans import gaussian_release_sigma
 from ...privacy.events import GaussianEvent, PoissonGaussianEvent
 from .features import FeatureMap, NTKFeatures, RandomFourierFeatures
 from .generator import EmbeddingGenerator, EmbeddingGeneratorConfig
-from ...mechanisms.embedding_release import class_proportions, flatten_images, noisy_sum, weights
+from ...mechanisms.embedding_release import NoisySum, class_proportions, flatten_images, noisy_sum, weights
 from ...training.checkpoint import capture_state, restore_model_and_optimizer, restore_rng
 
 STAGE = "finetune"
@@ -143,19 +143,32 @@ class SingleReleaseMethod(MeanEmbeddingMethod):
                             count_weight=t["count_weight"], device=device, on_rows=on_rows)
         if rows[0] != n:  # the accounted mechanism embeds every image
             raise AssertionError(f"embedded {rows[0]} of {n} images")
-        declared = plan.settings["dataset_size"]  # public (declared) N, never the true size
-        target = release.features.to(device) / declared  # the noisy mean joint embedding
-        proportions = class_proportions(release.counts).to(device)
-        steps_per_epoch = math.ceil(declared / opts.batch_size)
-        total = opts.epochs * steps_per_epoch
-        generator.train()
-        optimizer = torch.optim.Adam(generator.parameters(), lr=opts.lr)
-        schedule = torch.optim.lr_scheduler.StepLR(optimizer, step_size=steps_per_epoch, gamma=t["lr_decay"])
-        for step in range(total):
-            loss = self.generator_step(generator, optimizer, fmap, target, proportions, opts.batch_size, step)
-            schedule.step()
-            progress(f"finetune ({self.name}): generator", step + 1, total, loss)
+        # public (declared) N, never the true size
+        fit_to_release(generator, fmap, release, plan.settings["dataset_size"], epochs=opts.epochs,
+                       batch_size=opts.batch_size, lr=opts.lr, lr_decay=t["lr_decay"], device=device,
+                       progress=progress, phase=f"finetune ({self.name}): generator")
         return Trained(generator.eval())
+
+
+def fit_to_release(generator: EmbeddingGenerator, feature_map: FeatureMap, release: NoisySum, declared_size: int, *,
+                   epochs: int, batch_size: int, lr: float, lr_decay: float, device: torch.device,
+                   progress, phase: str) -> EmbeddingGenerator:
+    """Post-processing of ONE release over all `declared_size` images (dp-merf, dp-ntk, FETA-Pro's
+    auxiliary generator): `epochs` passes of ceil(N / batch_size) Adam steps towards the noisy
+    mean embedding (the sum divided by the PUBLIC N), the learning rate times `lr_decay` per pass."""
+    target = release.features.to(device) / declared_size  # the noisy mean joint embedding
+    proportions = class_proportions(release.counts).to(device)
+    steps_per_epoch = math.ceil(declared_size / batch_size)
+    total = epochs * steps_per_epoch
+    generator.train()
+    optimizer = torch.optim.Adam(generator.parameters(), lr=lr)
+    schedule = torch.optim.lr_scheduler.StepLR(optimizer, step_size=steps_per_epoch, gamma=lr_decay)
+    for step in range(total):
+        loss = MeanEmbeddingMethod.generator_step(generator, optimizer, feature_map, target, proportions, batch_size,
+                                                  step)
+        schedule.step()
+        progress(phase, step + 1, total, loss)
+    return generator.eval()
 
 
 class DPMERF(SingleReleaseMethod):
