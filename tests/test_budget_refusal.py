@@ -50,7 +50,7 @@ def refused(tmp_path_factory):
     assert main([*SELECT, "--sigma", "1.2", "--run", str(run)]) == 0
     before, stderr = snapshot(run), io.StringIO()
     with contextlib.redirect_stderr(stderr):
-        code = main(["finetune", "--eps", "1", *FINETUNE, "--run", str(run)])
+        code = main(["finetune", "--eps", "1", *FINETUNE, "--run", str(run), "--quiet"])  # no heartbeat lines
     assert code == 2
     return run, stderr.getvalue(), snapshot(run) == before
 

@@ -174,6 +174,7 @@ def _expand(args: list[str], tmp: Path, base_run) -> list[str]:
 @pytest.mark.parametrize("args,expected", CASES, ids=[" ".join(a) for a, _ in CASES])
 def test_bad_input_is_one_line_exit_2_and_changes_nothing(tmp_path, monkeypatch, capsys, request, args, expected):
     monkeypatch.setenv("DPSYNTH_DATA", str(tmp_path / "data"))  # empty: named sets other than these are absent
+    monkeypatch.setenv("DPSYNTH_QUIET", "1")  # progress lines (stderr is not a TTY here) are not the error's
     if not any(a.startswith("npz:") or a in ("celeba", "camelyon") for a in args):
         monkeypatch.delenv("DPSYNTH_DATA")
     (tmp_path / "a-file").write_text("not a directory")

@@ -95,7 +95,7 @@ def test_compared_protocols_are_both_stored_and_the_flawed_one_is_marked(run_dir
 def test_over_budget_finetune_is_refused_and_changes_nothing(run_dir):
     run, _ = run_dir
     before = snapshot(run)
-    result = dpsynth("finetune", "--run", str(run), "--eps", "1", "--epochs", "1", "--batch-size", "250")
+    result = dpsynth("finetune", "--run", str(run), "--eps", "1", "--epochs", "1", "--batch-size", "250", "--quiet")
     assert result.returncode == 2
     first, *options = result.stderr.splitlines()
     assert first.startswith("error: ") and "already spent" in first and "Traceback" not in result.stderr
