@@ -69,7 +69,7 @@ def test_the_refusal_states_delta_the_spending_event_and_numbers_that_fit(refuse
     # (a) this run: pretrain (it has not run), then the least --eps that fits the 8 steps at the most noise.
     here = re.fullmatch(rf"  - in this run: pretrain, then finetune --eps {NUMBER} or more \(the least that fits "
                         rf"its {STEPS} steps at sample rate 0.125, at noise σ=200, the most calibration tries\); "
-                        rf"--eps {NUMBER} gives them noise σ≤{NUMBER}, about what --eps 1 gives them when nothing "
+                        rf"--eps {NUMBER} gives them noise σ≈{NUMBER}, about what --eps 1 gives them when nothing "
                         rf"else is spent", options[0])
     assert here, options[0]
     least, usable, sigma_alone = (float(x) for x in here.groups())

@@ -40,15 +40,18 @@ def calibrate_sigma(spent: Sequence[PrivacyEvent], target_epsilon: float, delta:
     already = epsilon_upper(spent, delta)
     if already >= target_epsilon or eps_at(sigma_max) > target_epsilon:
         planned = tuple(events_at(sigma_max))
+        given = target_epsilon if given is None else given
+        alone = None
+        if spent and given == target_epsilon:  # the noise the target would buy them if nothing else were spent
+            sigma = smallest_sigma(lambda s: epsilon_upper(events_at(s), delta), given, sigma_min, sigma_max,
+                                   rel_tol=0.02)
+            if sigma is not None and sigma != sigma_min:  # at sigma_min the bracket cannot say how little would do
+                alone = (sigma, eps_at(sigma))
         raise default_refusal(Shortfall(
             stage=planned[0].stage if planned else "this stage", target=target_epsilon, delta=delta,
-            spent=tuple(spent), planned=planned, what=what, param=param,
-            given=target_epsilon if given is None else given,
-            noise=f"noise σ={sigma_max:g}, the most calibration tries", advice=advice,
-            events_at=events_at, sigma_range=(sigma_min, sigma_max)))
-    sigma = smallest_sigma(lambda s: eps_at(s), target_epsilon, sigma_min, sigma_max, rel_tol)
-    assert sigma is not None  # sigma_max fits (checked above)
-    return sigma
+            spent=tuple(spent), planned=planned, what=what, param=param, given=given,
+            noise=f"noise σ={sigma_max:g}, the most calibration tries", advice=advice, alone=alone))
+    return smallest_sigma(eps_at, target_epsilon, sigma_min, sigma_max, rel_tol)  # not None: sigma_max fits
 
 
 def smallest_sigma(eps_at: Callable[[float], float], target: float, lo: float, hi: float,

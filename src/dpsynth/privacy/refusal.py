@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
+from typing import Optional, Sequence
 
 from ..errors import BudgetExhausted
 from .accountant import epsilon_upper
@@ -27,8 +27,9 @@ class Shortfall:
     `target` is the ledger's cap (ε at `delta`); `param` the parameter that set it and `given`
     its value (the cap is `target - given + value`: `eps_query` is spent on top of the
     ledger, `eps` is the whole run's); `param` None: the cap is the run's recorded target.
-    `planned` are the stage's events at the most noise it would use (`noise` says which),
-    `events_at(sigma)` the same events at any noise in `sigma_range`, when it calibrates."""
+    `planned` are the stage's events at the most noise it would use (`noise` says which);
+    `alone` = (sigma, ε): the noise the planned events get at `given` when nothing else is spent,
+    and the ledger's ε with them at that noise (a calibration computes it)."""
 
     stage: str
     target: float
@@ -40,8 +41,7 @@ class Shortfall:
     given: Optional[float] = None
     noise: str = ""
     advice: str = ""
-    events_at: Optional[Callable[[float], list[PrivacyEvent]]] = None
-    sigma_range: Optional[tuple[float, float]] = None
+    alone: Optional[tuple[float, float]] = None
 
     @property
     def already(self) -> float:
@@ -133,25 +133,11 @@ def raise_option(s: Shortfall, *, first: Sequence[str] = ()) -> Optional[str]:
     before = f" {', then '.join(first)}, then" if first else ""
     noise = f", at {s.noise}" if s.noise else ""
     text = f"in this run:{before} {s.stage} `{s.param}` {least:g} or more (the least that fits {s.what}{noise})"
-    usable = _fresh_noise_value(s)
-    if usable is not None:
-        value, sigma = usable
-        text += (f"; `{s.param}` {value:g} gives them noise σ≤{sigma:.3g}, about what `{s.param}` {s.given:g} "
-                 f"gives them when nothing else is spent")
+    if s.alone is not None and s.given is not None:
+        sigma, eps = s.alone
+        text += (f"; `{s.param}` {round_up(s.value_for(eps)):g} gives them noise σ≈{sigma:.3g}, about what "
+                 f"`{s.param}` {s.given:g} gives them when nothing else is spent")
     return text
-
-
-def _fresh_noise_value(s: Shortfall) -> Optional[tuple[float, float]]:
-    """(cap value, sigma): sigma is the noise the planned events get at `given` alone (to 2%)."""
-    if s.events_at is None or s.sigma_range is None or not s.spent or s.offset != 0 or s.given is None:
-        return None
-    from .calibration import smallest_sigma
-
-    lo, hi = s.sigma_range
-    sigma = smallest_sigma(lambda x: epsilon_upper(s.events_at(x), s.delta), s.given, lo, hi, rel_tol=0.02)
-    if sigma is None or sigma == lo:  # lo fits: the bracket cannot say how little noise would do
-        return None
-    return round_up(s.value_for(epsilon_upper([*s.spent, *s.events_at(sigma)], s.delta))), sigma
 
 
 def budget_refusal(s: Shortfall, options: Sequence[Optional[str]], *, headline: Optional[str] = None) -> BudgetExhausted:
