@@ -55,6 +55,10 @@ class Method:
         "feedback_clip": None, "train_opts": {}}
     own_mechanism: ClassVar[bool] = False  # True: plan_private/train_private replace DP-SGD on the loss
     iterative: ClassVar[bool] = True  # False: one release, nothing to checkpoint or resume
+    # True: `finetune` sets `self.feature_network` (the run's named feature network, the one
+    # `evaluate` uses: Inception-v3 when its weights are on disk, else the public-only query net)
+    # before planning; PE embeds images in it.
+    uses_feature_network: ClassVar[bool] = False
     pretrain_defaults: ClassVar[dict[str, Any]] = {"epochs": 10, "batch_size": 128, "lr": 2e-3}
     sample_defaults: ClassVar[dict[str, Any]] = {}
 
