@@ -19,6 +19,8 @@ def command(
     central_queries: int = typer.Option(5, "--central-queries", help="DP-FETA: number of queries (images per class)."),
     central_batch: int = typer.Option(6000, "--central-batch", help="DP-FETA: expected Poisson batch per query."),
     augment: bool = typer.Option(True, "--augment/--no-augment", help="DP-FETA: RandAugment during the warm-up."),
+    train_opts: Optional[str] = typer.Option(None, "--train-opts", help="Method-specific pretraining settings as "
+                                             "JSON or k=v pairs (e.g. DP-LDM's ae_epochs=4); see `dpsynth methods`."),
     arch: Optional[str] = ArchOpt, device: str = DeviceOpt,
     run: str = RunOpt, method: Optional[str] = MethodOpt, delta: Optional[float] = DeltaOpt,
     quiet: bool = QuietOpt, json_out: bool = JsonOpt, settings=None,
@@ -29,5 +31,5 @@ def command(
         result = run_pretrain(run, settings, epochs=epochs, batch_size=batch_size, lr=lr, method=method,
                               delta=delta, arch=arch, device=device, central_sigma=central_sigma,
                               central_queries=central_queries, central_batch=central_batch, augment=augment,
-                              progress=progress)
+                              train_opts=train_opts, progress=progress)
     emit(result, json_out, f"pretrain → {run}")
