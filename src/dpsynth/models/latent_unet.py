@@ -88,7 +88,8 @@ class SpatialTransformer(nn.Module):
         tokens = self.proj_in(self.norm(x)).reshape(b, c, h * w).transpose(1, 2)
         for block in self.transformer_blocks:
             tokens = block(tokens, context)
-        return x + self.proj_out(tokens.transpose(1, 2).reshape(b, c, h, w))
+        # contiguous: opacus 1.6's Conv2d grad sampler is wrong on the strided view a transpose gives
+        return x + self.proj_out(tokens.transpose(1, 2).reshape(b, c, h, w).contiguous())
 
 
 class LatentUNet(nn.Module):
@@ -140,7 +141,7 @@ class LatentUNet(nn.Module):
         nn.init.zeros_(self.conv_out.weight)
         nn.init.zeros_(self.conv_out.bias)
 
-    def _apply(self, layer: nn.Module, h: torch.Tensor, emb: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    def _run_layer(self, layer: nn.Module, h: torch.Tensor, emb: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         if isinstance(layer, ResBlock):
             return layer(h, emb)
         if isinstance(layer, SpatialTransformer):
@@ -154,15 +155,15 @@ class LatentUNet(nn.Module):
         hs = [h]
         for block in self.down:
             for layer in block:
-                h = self._apply(layer, h, emb, context)
+                h = self._run_layer(layer, h, emb, context)
             hs.append(h)
         for layer in self.mid:
-            h = self._apply(layer, h, emb, context)
+            h = self._run_layer(layer, h, emb, context)
         for block in self.up:
             for i, layer in enumerate(block):
                 if i == 0 and isinstance(layer, ResBlock):
                     if h.shape[-1] != hs[-1].shape[-1]:  # odd latent sizes (7 -> 4 -> 8): crop to the skip
                         h = h[..., :hs[-1].shape[-2], :hs[-1].shape[-1]]
                     h = torch.cat([h, hs.pop()], dim=1)
-                h = self._apply(layer, h, emb, context)
+                h = self._run_layer(layer, h, emb, context)
         return self.conv_out(F.silu(self.norm_out(h)))

@@ -150,13 +150,15 @@ class LatentDiffusion(nn.Module):
         return self.class_embed(labels)[:, None, :]  # one context token per image
 
     def forward(self, x: torch.Tensor, labels: torch.Tensor, t: torch.Tensor | None = None,
-                noise: torch.Tensor | None = None) -> torch.Tensor:
-        """Per-row DDPM loss: mean squared error of the predicted latent noise. t and the noise
-        are drawn per row unless given (tests pass fixed draws)."""
+                noise: torch.Tensor | None = None, posterior_noise: torch.Tensor | None = None) -> torch.Tensor:
+        """Per-row DDPM loss: mean squared error of the predicted latent noise. t, the noise and
+        the posterior draw are random per row unless given (tests pass fixed draws)."""
         if x.dtype == torch.uint8:
             with torch.no_grad():
                 x = self.autoencoder.moments(self.to_model_range(x))
-        z0 = KLAutoencoder.sample_latent(x.detach()) * self.latent_scale
+        mean, logvar = KLAutoencoder.split(x.detach())
+        eps = torch.randn_like(mean) if posterior_noise is None else posterior_noise
+        z0 = (mean + (0.5 * logvar).exp() * eps) * self.latent_scale
         n = z0.shape[0]
         if t is None:
             t = torch.randint(0, self.cfg.timesteps, (n,), device=z0.device)
