@@ -26,10 +26,6 @@ def freeze_all_but(model: nn.Module, trainable: Iterable[nn.Parameter]) -> nn.Mo
     return model
 
 
-def trainable_names(model: nn.Module) -> list[str]:
-    return [n for n, p in model.named_parameters() if p.requires_grad]
-
-
 def check_train_int(name: str, value, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise BadInput(f"`train_opts` {name}={value!r} must be an integer >= {minimum}")
