@@ -84,12 +84,14 @@ def run_finetune(run_path: str | Path, settings: DataSettings | None = None, *, 
         generator, inputs = method_obj.generator_from_config(recorded["generator"]), []
     else:
         generator, inputs = _starting_generator(run, sensitive, method_obj, arch)
+    generator = method_obj.prepare_private(generator, opts)
     if not resume:  # a resumed run's generator passed this before its events were recorded
         method_obj.check_generator(generator, channels=c, resolution=r, num_classes=sensitive.num_classes, opts=opts)
     total = method_obj.private_steps(plan) if method_obj.iterative else None
     config = {"eps": eps, "delta": run.delta, **opts.record(), "device": str(torch_device),
               **_scalars(plan.settings), "plan": plan.settings, "events": [e.to_dict() for e in plan.events],
               "events_before": len(spent), "parameters": sum(p.numel() for p in generator.parameters()),
+              "trainable_parameters": sum(p.numel() for p in generator.parameters() if p.requires_grad),
               "generator": generator.cfg.to_dict()}
     if opts.notes:
         config["option_notes"] = list(opts.notes)
