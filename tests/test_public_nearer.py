@@ -80,7 +80,7 @@ def test_a_generator_that_outputs_public_images_is_flagged(public_like, capsys):
 def test_distances_are_frechet_distances_on_the_named_network_at_matched_sizes(public_like):
     result = yaml.safe_load((public_like / "manifest.yaml").read_text())["results"]["fidelity-only"]
     run = RunDir.open(public_like)
-    features = evaluate_stage._feature_network(run, SETTINGS, None, None, torch.device("cpu"))
+    features = evaluate_stage.feature_network(run, SETTINGS, None, None, torch.device("cpu"))
     assert features.name == result["feature_network"]
     with np.load(public_like / "synthetic.npz") as npz:
         fake = torch.from_numpy(npz["images"])

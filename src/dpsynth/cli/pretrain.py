@@ -31,6 +31,8 @@ def command(
     aux_opts: Optional[str] = typer.Option(None, "--aux-opts", help="FETA-Pro: the auxiliary generator and its "
                                            "release, k=v,... or JSON (features, bandwidth, count_weight, epochs, "
                                            "batch_size, lr, lr_decay, images, latent_dim, hidden, width)."),
+    train_opts: Optional[str] = typer.Option(None, "--train-opts", help="Method-specific pretraining settings as "
+                                             "JSON or k=v pairs (e.g. DP-LDM's ae_epochs=4); see `dpsynth methods`."),
     arch: Optional[str] = ArchOpt, device: str = DeviceOpt,
     run: str = RunOpt, method: Optional[str] = MethodOpt, delta: Optional[float] = DeltaOpt,
     quiet: bool = QuietOpt, json_out: bool = JsonOpt, settings=None,
@@ -46,5 +48,5 @@ def command(
                               warmup={"freq_sigma": freq_sigma, "warmup_order": warmup_order, "freq_epochs": freq_epochs,
                                       "freq_batch_size": freq_batch_size,
                                       "aux_opts": None if aux_opts is None else parse_arch(aux_opts, "`aux_opts`")},
-                              progress=progress)
+                              train_opts=train_opts, progress=progress)
     emit(result, json_out, f"pretrain → {run}")

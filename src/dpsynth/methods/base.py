@@ -55,6 +55,12 @@ class Method:
         "feedback_clip": None, "train_opts": {}}
     own_mechanism: ClassVar[bool] = False  # True: plan_private/train_private replace DP-SGD on the loss
     iterative: ClassVar[bool] = True  # False: one release, nothing to checkpoint or resume
+    # True: `finetune` sets `self.feature_network` (the run's named feature network, the one
+    # `evaluate` uses: Inception-v3 when its weights are on disk, else the public-only query net)
+    # before planning; PE embeds images in it.
+    uses_feature_network: ClassVar[bool] = False
+    # Public pretraining defaults; "train_opts", when present, holds the method's own settings
+    # (pretrain --train-opts k=v), and a given key absent from it is refused.
     pretrain_defaults: ClassVar[dict[str, Any]] = {"epochs": 10, "batch_size": 128, "lr": 2e-3}
     sample_defaults: ClassVar[dict[str, Any]] = {}
 
@@ -87,7 +93,24 @@ class Method:
     def sample(self, model: nn.Module, labels: torch.Tensor, generator: torch.Generator, **options) -> torch.Tensor:
         return model.sample(labels, generator=generator, **options)
 
+    # ---- public pretraining (pretrain): no privacy cost ----------------------------------------
+    def pretrain_public(self, generator: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, epochs: int,
+                        batch_size: int, lr: float, seed: int, train_opts: dict, progress: Progress) -> dict:
+        """Non-private training on PUBLIC images (the stage has checked that they are public).
+        Returns what the stage should record beside its settings (nothing by default)."""
+        from ..training.dpsgd import train_nonprivate
+
+        train_nonprivate(generator, images, labels, self.per_sample_loss, epochs=epochs, batch_size=batch_size,
+                         lr=lr, seed=seed, progress=progress, phase="pretrain (public)")
+        return {}
+
     # ---- private training (finetune): DP-SGD by default ---------------------------------------
+    def prepare_private(self, generator: nn.Module, opts: FinetuneOptions) -> nn.Module:
+        """The generator as DP-SGD trains it, built from the pretrained one before any check or
+        event: e.g. which parameters stay frozen (requires_grad=False, so opacus computes and
+        stores nothing for them) or adapters added. Identity by default."""
+        return generator
+
     def check_generator(self, generator: nn.Module, *, channels: int, resolution: int, num_classes: int,
                         opts: FinetuneOptions) -> None:
         """Before any event is written: the generator must suit the private trainer. DP-SGD: no

@@ -125,7 +125,7 @@ def run_evaluate(run_path: str | Path, *, protocol: str = DP_SAFE, classifier: s
     # A user-given test set is checked against the training set now, so a mismatch writes nothing; it is
     # held here and handed to the classifiers only through load_test, after selection, like a named one.
     given_test = load_sensitive_test(test_spec, settings, real) if test_spec else None
-    features = _feature_network(run, settings, feature_public, inception_weights, torch_device)
+    features = feature_network(run, settings, feature_public, inception_weights, torch_device)
     holdout = load_holdout(run) if plan or DPIMAGEBENCH_VAL in protocols else None
 
     test_cache: dict = {}
@@ -247,8 +247,8 @@ def _charge(run: RunDir, plan: dict, holdout) -> NoisyVal:
 
 
 # ---- fidelity ---------------------------------------------------------------------------------
-def _feature_network(run: RunDir, settings, feature_public: str | None, inception_weights: str | None,
-                     device: torch.device):
+def feature_network(run: RunDir, settings, feature_public: str | None, inception_weights: str | None,
+                    device: torch.device):
     """Inception-v3 when its weights are on disk (or given), else the public-only domain network."""
     path = find_inception_weights(inception_weights, search=(cache_dir(),))
     if path is not None:

@@ -30,7 +30,8 @@ from ..training.options import FinetuneOptions, check_values, resolve_options
 from ..validation import check_positive
 from . import checkpoints
 from .budget_advice import run_budget_options
-from .common import DataSettings, declared_size, open_or_create_run, torch_bytes, torch_load_bytes
+from .common import (DataSettings, declared_size, open_or_create_run, settings_from_run, torch_bytes,
+                     torch_load_bytes)
 from .lifecycle import stage_run
 from .names import FINETUNE as STAGE, GENERATOR, PRETRAIN as PRETRAIN_STAGE, PRETRAINED
 from .rundir import RunDir
@@ -74,22 +75,30 @@ def run_finetune(run_path: str | Path, settings: DataSettings | None = None, *, 
     if after.upper > eps:  # calibration guarantees otherwise; checked before anything is written
         raise AssertionError(f"ledger epsilon {after.upper} would exceed target {eps}")
 
+    torch_device = resolve_device(device)
+    if method_obj.uses_feature_network:  # public data only (cached); named in the stage's config
+        from .evaluate import feature_network
+
+        method_obj.feature_network = feature_network(run, settings_from_run(run), None, None, torch_device)
     _, c, r, _ = sensitive.images.shape
     torch.manual_seed(run.manifest["settings"].get("seed", 0))  # model init only; noise is reseeded below
     if resume and not method_obj.uses_pretrain_stage:  # the architecture the checkpoint was trained with
         generator, inputs = method_obj.generator_from_config(recorded["generator"]), []
     else:
         generator, inputs = _starting_generator(run, sensitive, method_obj, arch)
+    generator = method_obj.prepare_private(generator, opts)
     if not resume:  # a resumed run's generator passed this before its events were recorded
         method_obj.check_generator(generator, channels=c, resolution=r, num_classes=sensitive.num_classes, opts=opts)
-    torch_device = resolve_device(device)
     total = method_obj.private_steps(plan) if method_obj.iterative else None
     config = {"eps": eps, "delta": run.delta, **opts.record(), "device": str(torch_device),
               **_scalars(plan.settings), "plan": plan.settings, "events": [e.to_dict() for e in plan.events],
               "events_before": len(spent), "parameters": sum(p.numel() for p in generator.parameters()),
+              "trainable_parameters": sum(p.numel() for p in generator.parameters() if p.requires_grad),
               "generator": generator.cfg.to_dict()}
     if opts.notes:
         config["option_notes"] = list(opts.notes)
+    if method_obj.uses_feature_network:
+        config["feature_network"] = method_obj.feature_network.name
     saved = (run.manifest["stages"][STAGE].get("checkpoint") or {}).get("step", 0) if resume else None
     with stage_run(run, STAGE, config, inputs=inputs, events=() if resume else plan.events, target_epsilon=eps,
                    resumed_from=saved):

@@ -36,9 +36,11 @@ def run_pretrain(run_path: str | Path, settings: DataSettings | None = None, *, 
                  batch_size: int | None = None, lr: float | None = None, method: str | None = None,
                  delta: float | None = None, arch: str | dict | None = None, device: str | None = None,
                  central_sigma: float = 5.0, central_queries: int = 5, central_batch: int = 6000,
-                 augment: bool = True, warmup: dict | None = None, progress: Progress = no_progress) -> dict:
+                 augment: bool = True, warmup: dict | None = None, train_opts: str | dict | None = None,
+                 progress: Progress = no_progress) -> dict:
     """`warmup`: a private warm-up's own options beyond the central images' (FETA-Pro's
-    freq_sigma, warmup_order, freq_epochs, freq_batch_size, aux_opts); None values are unset."""
+    freq_sigma, warmup_order, freq_epochs, freq_batch_size, aux_opts); None values are unset.
+    `train_opts`: the method's own public-pretraining settings (e.g. DP-LDM's ae_epochs)."""
     if method is not None and not get_method(method).uses_pretrain_stage:
         return _skipped(method)
     run, sensitive = open_or_create_run(run_path, method=method, settings=settings, delta=delta)
@@ -56,6 +58,7 @@ def run_pretrain(run_path: str | Path, settings: DataSettings | None = None, *, 
     check_positive("epochs", epochs, integer=True)
     check_positive("batch_size", batch_size, integer=True)
     check_positive("lr", lr)
+    options = _train_opts(method_obj, train_opts)
     torch_device = resolve_device(device)
     _, c, r, _ = sensitive.images.shape
     torch.manual_seed(run.manifest["settings"].get("seed", 0))  # recorded when the run was created
@@ -89,12 +92,29 @@ def run_pretrain(run_path: str | Path, settings: DataSettings | None = None, *, 
 
     config = {"epochs": epochs, "batch_size": batch_size, "lr": lr, "public": public.name,
               "public_images": int(len(images)), "device": str(torch_device), "generator": generator.cfg.to_dict()}
+    if options:
+        config["train_opts"] = options
     with stage_run(run, STAGE, config, inputs=[SELECTION] if selection is not None else []):
-        train_nonprivate(generator.to(torch_device), images, labels, method_obj.per_sample_loss, epochs=epochs,
-                         batch_size=batch_size, lr=lr, seed=data.seed, progress=progress, phase="pretrain (public)")
+        extra = method_obj.pretrain_public(generator.to(torch_device), images, labels, epochs=epochs,
+                                           batch_size=batch_size, lr=lr, seed=data.seed, train_opts=options,
+                                           progress=progress)
+        if extra:  # recorded before the stage completes (e.g. the latent scale of DP-LDM)
+            run.manifest["stages"][STAGE]["config"].update(extra)
         _save_generator(run, generator)
     return {"public_images": int(len(images)), "epochs": epochs,
             "epsilon_spent": compose_epsilon(run.events(), run.delta).upper if run.events() else 0.0}
+
+
+def _train_opts(method_obj, given: str | dict | None) -> dict:
+    """The method's pretraining settings (its pretrain_defaults["train_opts"]) with the given
+    ones over them; a key the method does not have is refused."""
+    defaults = dict(method_obj.pretrain_defaults.get("train_opts") or {})
+    asked = parse_arch(given, "`train_opts`")
+    unknown = sorted(set(asked) - set(defaults))
+    if unknown:
+        raise BadInput(f"`train_opts` key {unknown[0]!r} is not a pretraining setting of {method_obj.name}; "
+                       f"allowed: {', '.join(sorted(defaults)) or 'none'}")
+    return {**defaults, **asked}
 
 
 def _skipped(method: str) -> dict:
