@@ -14,3 +14,17 @@ def snapshot(path: Path) -> dict:
     if not path.exists():
         return {}
     return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+# Python source that makes every later `import torch` fail: prepend it to a `python -c` program.
+NO_TORCH_PRELUDE = """
+import sys
+
+class NoTorch:  # a meta-path finder: `import torch` (or any torch.*) raises ModuleNotFoundError
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch" or name.startswith("torch."):
+            raise ModuleNotFoundError(f"No module named {name!r} (blocked by the test)", name=name)
+        return None
+
+sys.meta_path.insert(0, NoTorch())
+"""

@@ -15,7 +15,7 @@ from dpsynth.evaluation.utility import evaluate_protocols
 from dpsynth.pipeline import evaluate as evaluate_stage
 from dpsynth.pipeline.common import load_holdout
 from dpsynth.pipeline.rundir import RunDir
-from test_evaluate_stage import make_run
+from test_evaluate_stage import feature_cache, make_run  # noqa: F401 (a fixture)
 
 
 def test_headline_is_the_mean_of_the_three_as_in_the_published_log():
@@ -40,14 +40,6 @@ def test_selection_on_a_sensitive_split_equal_to_the_test_set_is_test_set_select
     assert dpib.accuracies == pytest.approx(flawed.accuracies, abs=1e-12) and dpib.holdout_size == 60
     with pytest.raises(BadInput, match="sensitive_val"):
         evaluate_protocols(images, labels, lambda: (test_x, test_y), 4, protocols=(DPIMAGEBENCH_VAL,), epochs=1)
-
-
-@pytest.fixture(scope="module")
-def feature_cache(tmp_path_factory):
-    path = tmp_path_factory.mktemp("features")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("DPSYNTH_FEATURE_CACHE", str(path))
-        yield path
 
 
 def test_the_stage_marks_it_not_dp_and_charges_nothing(tmp_path, feature_cache):

@@ -14,7 +14,7 @@ import pytest
 import typer
 import yaml
 
-from cli_helpers import dpsynth
+from cli_helpers import NO_TORCH_PRELUDE, dpsynth
 from dpsynth.cli.app import app
 from dpsynth.cli.main import main
 from dpsynth.pipeline.rundir import RunDir
@@ -192,16 +192,7 @@ def test_help_shows_no_type_for_flags(argv, capsys):
         assert any("--eps" in line and "<float>" in line for line in lines)  # options with a value keep theirs
 
 
-_NO_TORCH = """
-import sys
-
-class NoTorch:  # a meta-path finder: `import torch` (or any torch.*) raises ModuleNotFoundError
-    def find_spec(self, name, path=None, target=None):
-        if name == "torch" or name.startswith("torch."):
-            raise ModuleNotFoundError(f"No module named {name!r} (blocked by the test)", name=name)
-        return None
-
-sys.meta_path.insert(0, NoTorch())
+_NO_TORCH = NO_TORCH_PRELUDE + """
 from dpsynth.cli.main import main
 rc = main(sys.argv[1:])
 assert not any(m == "torch" or m.startswith("torch.") for m in sys.modules)

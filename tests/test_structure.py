@@ -11,22 +11,15 @@ from pathlib import Path
 
 import pytest
 
+from cli_helpers import NO_TORCH_PRELUDE
+
 SRC = Path(__file__).resolve().parents[1] / "src"
 PACKAGE = SRC / "dpsynth"
 PRIVACY_MODULES = ("events", "accountant", "calibration", "plans", "owner_key")
 
 
 # ---- (a) dpsynth.privacy without torch ---------------------------------------------------------
-_NO_TORCH = """
-import sys
-
-class NoTorch:  # a meta-path finder: `import torch` (or any torch.*) raises ModuleNotFoundError
-    def find_spec(self, name, path=None, target=None):
-        if name == "torch" or name.startswith("torch."):
-            raise ModuleNotFoundError(f"No module named {name!r} (blocked by the test)", name=name)
-        return None
-
-sys.meta_path.insert(0, NoTorch())
+_NO_TORCH = NO_TORCH_PRELUDE + """
 import dpsynth.privacy
 """ + "".join(f"import dpsynth.privacy.{name}\n" for name in PRIVACY_MODULES) + """
 assert not any(m == "torch" or m.startswith("torch.") for m in sys.modules)
