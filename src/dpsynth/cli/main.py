@@ -18,6 +18,8 @@ def main(argv: list[str] | None = None) -> int:
     from .flags import all_flags, command_flags, to_flags
 
     cli_flags.HINTS.update(all_flags(app))
+    from ..notices import NOTICES
+    NOTICES.clear()  # this command's notes only (library calls made earlier in the process are not its)
     try:
         app(args=argv, standalone_mode=False, prog_name="dpsynth")
     except Interrupted as exc:
