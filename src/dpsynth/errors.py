@@ -52,3 +52,8 @@ class Interrupted(Exception):
     def __init__(self, message: str, step: int, total: int):
         super().__init__(message)
         self.step, self.total = step, total
+
+
+class PeerStopped(Exception):
+    """On ranks > 0 of a multi-process run: rank 0 stopped before training (and reported why).
+    The CLI exits with status 2 without a message of its own."""

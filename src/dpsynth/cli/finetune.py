@@ -1,9 +1,11 @@
 """`dpsynth finetune`: the method's private training on the sensitive set within the run's total --eps."""
 
+import os
 from typing import Optional
 
 import typer
 
+from .flags import INVOKED
 from .common import (ArchOpt, DeltaOpt, DeviceOpt, JsonOpt, MethodOpt, QuietOpt, RunOpt, creates_runs, emit,
                      progress_bars)
 
@@ -39,6 +41,10 @@ def command(
                                 "checkpoint, under the privacy event it already recorded (same --eps)."),
     checkpoint_every: Optional[int] = typer.Option(None, "--checkpoint-every", help="Write a checkpoint every N "
                                                    "private steps (Ctrl-C always writes one; iterative methods)."),
+    nproc: Optional[int] = typer.Option(None, "--nproc", help="Train in N local processes (DP-SGD methods): "
+                                        "relaunches this command under torch.distributed, one shard of each "
+                                        "Poisson batch per process; the mechanism and its epsilon are the "
+                                        "one-process ones. Leave it out under torchrun."),
     arch: Optional[str] = ArchOpt, device: str = DeviceOpt,
     run: str = RunOpt, method: Optional[str] = MethodOpt, delta: Optional[float] = DeltaOpt,
     quiet: bool = QuietOpt, json_out: bool = JsonOpt, settings=None,
@@ -46,14 +52,54 @@ def command(
     """Private fine-tuning (DP-SGD or the method's own mechanism); noise is solved so ledger + these steps
     stay <= --eps."""
     from ..pipeline.finetune import run_finetune
+    from ..training import distributed
     from ..training.options import FinetuneOptions
 
-    with progress_bars(quiet or json_out, "finetune") as progress:
+    if nproc is not None:
+        processes = _check_nproc(nproc, method, run)
+        if processes > 1:
+            raise SystemExit(distributed.launch_workers(processes, _without_nproc(INVOKED)))
+    follower = distributed.launched_world_size() > 1 and os.environ.get("RANK", "0") != "0"
+    with progress_bars(quiet or json_out or follower, "finetune") as progress:
         options = FinetuneOptions(epochs=epochs, batch_size=batch_size, clip=clip, lr=lr,
                                   grad_sample_mode=grad_sample_mode, noise_multiplicity=noise_multiplicity,
                                   physical_batch_size=physical_batch_size, ema=ema,
                                   private_optimizer=private_optimizer, feedback_clip=feedback_clip,
                                   train_opts=train_opts, secure=secure)
-        result = run_finetune(run, settings, eps=eps, options=options, delta=delta, method=method, arch=arch,
-                              device=device, resume=resume, checkpoint_every=checkpoint_every, progress=progress)
-    emit(result, json_out, f"finetune → {run}")
+        try:
+            result = run_finetune(run, settings, eps=eps, options=options, delta=delta, method=method, arch=arch,
+                                  device=device, resume=resume, checkpoint_every=checkpoint_every,
+                                  progress=progress)
+        finally:
+            distributed.shutdown()
+    if not follower:  # rank 0 reports for all ranks
+        emit(result, json_out, f"finetune → {run}")
+
+
+def _check_nproc(nproc: int, method: Optional[str], run: str) -> int:
+    """--nproc N: N >= 1, not under torchrun, and N > 1 only for a DP-SGD method (this run's)."""
+    from ..errors import BadInput
+    from ..methods import get_method
+    from ..pipeline.finetune import DEFAULT_METHOD
+    from ..pipeline.rundir import RunDir
+    from ..training import distributed
+
+    if distributed.launched_world_size() > 1:
+        raise BadInput(f"nproc={nproc}: this process is already one of {distributed.launched_world_size()} "
+                       f"launched by torchrun; drop `nproc`")
+    name = method or (RunDir.open(run).manifest["method"] if RunDir.exists(run) else DEFAULT_METHOD)
+    distributed.check_method(get_method(name), nproc)
+    return nproc
+
+
+def _without_nproc(argv: list[str]) -> list[str]:
+    """The command line as given, less its --nproc: what each worker runs."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--nproc":
+            skip = True
+        elif not arg.startswith("--nproc="):
+            out.append(arg)
+    return out

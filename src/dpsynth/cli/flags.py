@@ -14,6 +14,8 @@ import typer
 
 # {parameter: flag} over every command, set by cli.main before a command runs (tables map result text with it).
 HINTS: dict[str, str] = {}
+# The arguments of the command being run, as given (set by cli.main; `finetune --nproc` relaunches them).
+INVOKED: list[str] = []
 
 _ASSIGNED = re.compile(r"(?<![\w.-])([a-z][a-z0-9_]*)=")
 _QUOTED = re.compile(r"`([a-z][a-z0-9_]*)`")

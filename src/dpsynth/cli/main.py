@@ -6,7 +6,7 @@ import os
 import sys
 import warnings
 
-from ..errors import DpsynthError, Interrupted
+from ..errors import DpsynthError, Interrupted, PeerStopped
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -18,13 +18,17 @@ def main(argv: list[str] | None = None) -> int:
     from .flags import all_flags, command_flags, to_flags
 
     cli_flags.HINTS.update(all_flags(app))
+    cli_flags.INVOKED[:] = list(sys.argv[1:] if argv is None else argv)
     from ..notices import NOTICES
     NOTICES.clear()  # this command's notes only (library calls made earlier in the process are not its)
     try:
         app(args=argv, standalone_mode=False, prog_name="dpsynth")
     except Interrupted as exc:
-        sys.stderr.write(f"interrupted: {exc}\n")
+        if not _torchrun_follower():  # rank 0 says it once for all ranks
+            sys.stderr.write(f"interrupted: {exc}\n")
         return 130
+    except PeerStopped:  # rank 0 stopped before training and said why
+        return 2
     except DpsynthError as exc:
         if os.environ.get("DPSYNTH_DEBUG"):
             raise
@@ -45,6 +49,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     _print_notices()
     return 0
+
+
+def _torchrun_follower() -> bool:
+    """A rank other than 0 of a torchrun launch (from its environment: no torch import here)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and os.environ.get("RANK", "0") != "0"
 
 
 def _print_notices() -> None:

@@ -19,6 +19,7 @@ from typing import Sequence
 
 from ..errors import BadInput, IntegrityError, Interrupted
 from ..privacy.events import PrivacyEvent, event_from_dict
+from ..training import distributed
 from ..training.checkpoint import Checkpointing
 from .rundir import RunDir
 from .names import CHECKPOINT_PREFIX
@@ -36,20 +37,31 @@ class Checkpointer(Checkpointing):
     """The stage's `Checkpointing` for every trainer: continues from `resume`, saves every
     `every` steps, when a stop was requested, and after the last of `total` steps (so a crash
     while the generator is written resumes by exporting that final state again, never by
-    training a second model under the same events)."""
+    training a second model under the same events).
 
-    def __init__(self, run: RunDir, stage: str, events: Sequence[PrivacyEvent], total: int, every: int | None,
-                 stop=None, resume: dict | None = None):
+    Under torchrun every rank has one, built alike; only rank 0's has the `run` and writes.
+    The ranks agree at each step on whether to stop (a Ctrl-C may reach them at different
+    steps), and a checkpoint holds every rank's RNG state ("rank_rng")."""
+
+    def __init__(self, run: RunDir | None, stage: str, events: Sequence[PrivacyEvent], total: int,
+                 every: int | None, stop=None, resume: dict | None = None):
         super().__init__(resume=resume)
         self.run, self.stage, self.events, self.total, self.every, self.stop = run, stage, events, total, every, stop
 
     def __call__(self, step: int, snapshot) -> None:
-        stopping = self.stop is not None and self.stop.requested and step < self.total
+        requested = distributed.any_rank(self.stop is not None and self.stop.requested)
+        stopping = requested and step < self.total
         if stopping or step == self.total or (self.every and step % self.every == 0):
-            self.save(step, snapshot())
+            state = snapshot()
+            ranks_rng = distributed.gather_objects(state["rng"])  # a collective: every rank takes part
+            if ranks_rng is not None:
+                state["rank_rng"] = ranks_rng
+            if self.run is not None:
+                self.save(step, state)
         if stopping:
+            where = self.run.path if self.run is not None else "<run>"
             raise Interrupted(f"finetune stopped after step {step} of {self.total}; checkpoint written. "
-                              f"Continue with: dpsynth finetune --run {self.run.path} --resume --eps <the same eps>",
+                              f"Continue with: dpsynth finetune --run {where} --resume --eps <the same eps>",
                               step, self.total)
 
     def save(self, step: int, state: dict) -> None:

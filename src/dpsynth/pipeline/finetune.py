@@ -18,11 +18,13 @@ from pathlib import Path
 
 import torch
 
-from ..errors import BadInput
+from ..errors import BadInput, PeerStopped
 from ..methods import get_method, parse_arch
 from ..methods.base import PrivatePlan
 from ..privacy.accountant import compose_epsilon
 from ..progress import Progress, no_progress
+from ..mechanisms.secret_noise import reseed_global_rng
+from ..training import distributed
 from ..training.checkpoint import stop_on_sigint
 from ..training.device import resolve_device
 from ..training.dpsgd import check_secure_available
@@ -43,6 +45,56 @@ def run_finetune(run_path: str | Path, settings: DataSettings | None = None, *, 
                  options: FinetuneOptions = FinetuneOptions(), delta: float | None = None, method: str | None = None,
                  arch: str | dict | None = None, device: str | None = None, resume: bool = False,
                  checkpoint_every: int | None = None, progress: Progress = no_progress) -> dict:
+    """Under torchrun (WORLD_SIZE > 1), rank 0 runs the stage as one process would and, once
+    the ledger event is written, hands the training job to the other ranks; they never open
+    the run directory (`training.distributed`). They return {"rank": r} and write nothing."""
+    if distributed.init_from_env(device) and not distributed.is_main():
+        return _follow_rank0(device)
+    handoff = _Handoff()
+    try:
+        return _run_finetune(run_path, settings, eps=eps, options=options, delta=delta, method=method, arch=arch,
+                             device=device, resume=resume, checkpoint_every=checkpoint_every, progress=progress,
+                             handoff=handoff)
+    except BaseException:
+        handoff.abort()  # the other ranks, still waiting for the job, stop too
+        raise
+
+
+class _Handoff:
+    """Rank 0's one message to the other ranks: the training job, or None if it stopped first."""
+
+    def __init__(self) -> None:
+        self.sent = False
+
+    def send(self, job: dict) -> None:
+        distributed.broadcast_object(job)
+        self.sent = True
+
+    def abort(self) -> None:
+        if distributed.active() and not self.sent:
+            self.sent = True
+            distributed.broadcast_object(None)
+
+
+def _follow_rank0(device: str | None) -> dict:
+    """Ranks > 0: train on rank 0's job (its generator, data, plan and checkpoint) with their
+    own shard and their own secret randomness; rank 0 writes everything."""
+    job = distributed.broadcast_object()
+    if job is None:
+        raise PeerStopped("rank 0 stopped before training (it says why)")
+    reseed_global_rng()  # this rank's Poisson sampling: secret, and independent of the others'
+    torch_device = resolve_device(device)
+    with stop_on_sigint() as stop:
+        saver = checkpoints.Checkpointer(None, STAGE, job["plan"].events, job["total"], job["every"], stop,
+                                         resume=job["resume"])
+        job["method"].train_private(job["generator"].to(torch_device), job["images"], job["labels"],
+                                    opts=job["opts"], plan=job["plan"], device=torch_device, progress=no_progress,
+                                    checkpoints=saver)
+    return {"rank": distributed.rank()}
+
+
+def _run_finetune(run_path, settings, *, eps, options, delta, method, arch, device, resume, checkpoint_every,
+                  progress, handoff: _Handoff) -> dict:
     # Everything that can be refused is refused before any data is read or anything is written.
     check_positive("eps", eps)
     check_values(options)
@@ -55,7 +107,13 @@ def run_finetune(run_path: str | Path, settings: DataSettings | None = None, *, 
     if not method_obj.iterative and (resume or checkpoint_every is not None):
         name = "resume" if resume else "checkpoint_every"
         raise BadInput(f"method {method_obj.name!r} makes one release, which has no checkpoints; drop `{name}`")
+    processes = distributed.world_size()
+    distributed.check_method(method_obj, processes)
     recorded = _interrupted_config(existing, run_path, eps, options) if resume else None
+    if resume and recorded.get("processes", 1) != processes:
+        raise BadInput(f"`resume`: the interrupted finetune ran in {recorded.get('processes', 1)} process(es) and "
+                       f"continues only in as many (each one's sampling state is in the checkpoint); "
+                       f"resume with nproc {recorded.get('processes', 1)}, not {processes}")
     opts = resolve_options(method_obj, FinetuneOptions.from_record(recorded) if resume else options)
 
     run, sensitive = open_or_create_run(run_path, method=method, settings=settings, delta=delta)
@@ -97,6 +155,8 @@ def run_finetune(run_path: str | Path, settings: DataSettings | None = None, *, 
               "generator": generator.cfg.to_dict()}
     if opts.notes:
         config["option_notes"] = list(opts.notes)
+    if processes > 1:
+        config["processes"] = processes
     if method_obj.uses_feature_network:
         config["feature_network"] = method_obj.feature_network.name
     saved = (run.manifest["stages"][STAGE].get("checkpoint") or {}).get("step", 0) if resume else None
@@ -107,6 +167,10 @@ def run_finetune(run_path: str | Path, settings: DataSettings | None = None, *, 
         else:
             state = None
             checkpoints.discard_all(run, STAGE)  # an earlier attempt's checkpoints belong to its own events
+        if processes > 1:  # after the write-ahead: no rank can take a step before the event exists
+            handoff.send({"method": method_obj, "generator": generator, "images": sensitive.images,
+                          "labels": sensitive.labels, "opts": opts, "plan": plan, "total": total,
+                          "every": checkpoint_every, "resume": state})
         with stop_on_sigint() as stop:
             saver = (checkpoints.Checkpointer(run, STAGE, plan.events, total, checkpoint_every, stop, resume=state)
                      if total is not None else None)

@@ -79,10 +79,20 @@ def restore_model_and_optimizer(state: dict, model: nn.Module, optimizer: torch.
 
 
 def restore_rng(state: dict) -> None:
-    """Last thing before the first resumed step: nothing may draw from the RNG after it."""
-    torch.set_rng_state(state["rng"]["cpu"])
-    if state["rng"]["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+    """Last thing before the first resumed step: nothing may draw from the RNG after it. A
+    checkpoint of a multi-process run holds every rank's state ("rank_rng"); each takes its own."""
+    from . import distributed
+
+    rng = state["rng"]
+    ranks = state.get("rank_rng")
+    if ranks is not None or distributed.active():
+        if ranks is None or len(ranks) != distributed.world_size():
+            raise RuntimeError(f"checkpoint holds the RNG states of {1 if ranks is None else len(ranks)} "
+                               f"process(es); this run has {distributed.world_size()}")
+        rng = ranks[distributed.rank()]
+    torch.set_rng_state(rng["cpu"])
+    if rng["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
 
 
 class StopRequest:

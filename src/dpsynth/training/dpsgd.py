@@ -15,7 +15,6 @@ from typing import Callable
 
 import torch
 from opacus import GradSampleModule, PrivacyEngine
-from opacus.data_loader import DPDataLoader
 from opacus.utils.fast_gradient_clipping_utils import DPTensorFastGradientClipping
 from opacus.validators import ModuleValidator
 from torch import nn
@@ -23,6 +22,7 @@ from torch.utils.data import TensorDataset
 
 from ..errors import BadInput
 from ..progress import Progress, no_progress
+from . import distributed
 from .checkpoint import Checkpointing, capture_state, restore_model_and_optimizer, restore_rng
 from .dp_guards import check_poisson_sampler
 from ..privacy.plans import DPSGDPlan, check_private_optimizer
@@ -174,8 +174,10 @@ def train_dp(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
     # No seeded generator on purpose: which images a Poisson batch holds must stay secret,
     # so sampling (and opacus' noise) use the global RNG that the caller seeds from OS entropy.
     engine = PrivacyEngine(secure_mode=secure)
-    loader = DPDataLoader(TensorDataset(images, labels), sample_rate=plan.sample_rate,
-                          generator=engine.secure_rng if secure else None)
+    # One process: opacus' DPDataLoader; under torchrun, this rank's shard of the one global
+    # Poisson sample at rate q (training/distributed.py).
+    loader = distributed.poisson_loader(TensorDataset(images, labels), plan.sample_rate,
+                                        generator=engine.secure_rng if secure else None)
     # opacus derives steps as int(1/q), which float rounding can make one short.
     loader.batch_sampler.steps = plan.steps_per_epoch
     if len(loader) != plan.steps_per_epoch or loader.sample_rate != plan.sample_rate:
@@ -198,6 +200,11 @@ def train_dp(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
         dp_optimizer = make_private_optimizer(private_optimizer, base_optimizer, noise_multiplier=noise_multiplier,
                                               clip=clip, expected_batch_size=plan.dataset_size * plan.sample_rate,
                                               secure=secure, feedback_clip=opts.feedback_clip)
+    # ---- distributed (training/distributed.py): rank 0's weights everywhere; the clipped sums
+    # all-reduced and rank 0's noise broadcast, once per logical step. No-ops in one process.
+    dp_optimizer = distributed.noise_once_across_ranks(dp_optimizer)
+    distributed.broadcast_module(model)
+    # ---- end distributed
     trainable = [p for p in model.parameters() if p.requires_grad]
 
     def accumulate(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -251,6 +258,7 @@ def train_dp(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
             checkpoints(step, lambda: capture_state(step, model, base_optimizer, ema))
     if step != plan.steps:
         raise RuntimeError(f"ran {step} DP-SGD steps but the ledger recorded {plan.steps}")
+    distributed.check_in_sync(model, step)  # every rank: the same steps, the same weights
     return dp_model._module if hasattr(dp_model, "_module") else model
 
 

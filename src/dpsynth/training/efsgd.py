@@ -49,6 +49,10 @@ class EFSGDOptimizer(DPOptimizer):
     DPOptimizer: the unclipped per-example sum is accumulated next to opacus' clipped one.
     """
 
+    # The per-parameter sums over one rank's examples, added up across ranks before the noise
+    # step under torchrun (training/distributed.py): the error update needs the global raw sum.
+    rank_local_sums = ("summed_grad", "efsgd_raw_sum")
+
     def __init__(self, optimizer: Optimizer, *, noise_multiplier: float, max_grad_norm: float,
                  expected_batch_size: Optional[float], feedback_clip: float, secure_mode: bool = False,
                  generator=None):
