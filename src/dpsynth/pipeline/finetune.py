@@ -113,7 +113,7 @@ def _run_finetune(run_path, settings, *, eps, options, delta, method, arch, devi
     if resume and recorded.get("processes", 1) != processes:
         raise BadInput(f"`resume`: the interrupted finetune ran in {recorded.get('processes', 1)} process(es) and "
                        f"continues only in as many (each one's sampling state is in the checkpoint); "
-                       f"resume with nproc {recorded.get('processes', 1)}, not {processes}")
+                       f"resume with `nproc` {recorded.get('processes', 1)}, not {processes}")
     opts = resolve_options(method_obj, FinetuneOptions.from_record(recorded) if resume else options)
 
     run, sensitive = open_or_create_run(run_path, method=method, settings=settings, delta=delta)
