@@ -60,9 +60,10 @@ class Checkpointer(Checkpointing):
                 self.save(step, state)
         if stopping:
             where = self.run.path if self.run is not None else "<run>"
+            processes = f" --nproc {distributed.world_size()}" if distributed.active() else ""
             raise Interrupted(f"finetune stopped after step {step} of {self.total}; checkpoint written. "
-                              f"Continue with: dpsynth finetune --run {where} --resume --eps <the same eps>",
-                              step, self.total)
+                              f"Continue with: dpsynth finetune --run {where} --resume --eps <the same eps>"
+                              f"{processes}", step, self.total)
 
     def save(self, step: int, state: dict) -> None:
         payload = {"run_id": self.run.manifest["run_id"], "events": events_key(self.events), "state": state}

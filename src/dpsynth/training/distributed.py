@@ -304,6 +304,7 @@ def launch_workers(processes: int, argv: Sequence[str]) -> int:
     (rank 0's when a worker failed). Our arguments never pass through torchrun's parser."""
     import sys
 
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
@@ -316,7 +317,8 @@ def launch_workers(processes: int, argv: Sequence[str]) -> int:
         elastic_launch(config, sys.executable)("-m", "dpsynth", *argv)
     except ChildFailedError as exc:
         codes = {failure.local_rank: failure.exitcode for failure in exc.failures.values()}
-        first = min(codes)
-        code = codes.get(0, codes[first])
+        code = codes.get(0, codes[min(codes)])
         return code if code > 0 else 128 - code  # killed by signal s: 128 + s, as a shell says
+    except SignalException as exc:  # Ctrl-C / SIGTERM: the launcher passed it on to the workers
+        return 128 + int(exc.sigval)  # and gave them time to checkpoint at a step boundary
     return 0
