@@ -47,16 +47,32 @@ STRATEGIES = ("auto", "ghost", "materialise")
 
 
 class _Layer:
-    """One layer's contribution: its examples' squared gradient norms, then its clipped sums."""
+    """One layer's book for one chunk: fed each call's (input, output gradient) as the backward
+    reaches it (`add`, so gradients are consumed while hot and freed as in plain training), then
+    its examples' squared gradient norms (`sq_norms`), then its clipped sums (`write_clipped`)."""
 
-    def __init__(self, module: nn.Module, calls: list, b: int, k: int, strategy: str):
-        self.module, self.calls, self.b, self.k, self.strategy = module, calls, b, k, strategy
+    def __init__(self, module: nn.Module, b: int, k: int, strategy: str):
+        self.module, self.b, self.k, self.strategy = module, b, k, strategy
+        self.mat = None     # (B, *weight.shape): materialised per-example weight gradients, summed over calls
+        self.pairs = []     # calls kept for the ghost norm and the ordinary clipped-sum formula
+        self.bias_pe = None  # (B, *bias.shape)
+
+    def _trains(self, name: str) -> bool:
+        p = getattr(self.module, name, None)
+        return p is not None and p.requires_grad
+
+    def add(self, x: torch.Tensor, g: torch.Tensor) -> None:
+        raise NotImplementedError
 
     def sq_norms(self) -> torch.Tensor:  # (B,)
         raise NotImplementedError
 
     def write_clipped(self, c: torch.Tensor) -> None:  # c: (B,) clipping factors; sets p.grad
         raise NotImplementedError
+
+
+def _acc(total: torch.Tensor | None, value: torch.Tensor) -> torch.Tensor:
+    return value if total is None else total.add_(value)
 
 
 def _set_grad(p: nn.Parameter | None, value: torch.Tensor) -> None:
@@ -76,17 +92,16 @@ def _sq(t: torch.Tensor) -> torch.Tensor:
 
 
 def _weighted_sum(c: torch.Tensor, per_example: torch.Tensor) -> torch.Tensor:
-    return (c.to(per_example.dtype) @ per_example.reshape(per_example.shape[0], -1))
+    return c.to(per_example.dtype) @ per_example.reshape(per_example.shape[0], -1)
 
 
 def _scale_rows(t: torch.Tensor, c: torch.Tensor, b: int) -> torch.Tensor:
     """Each row of (B*K, ...) times its example's factor c (B,)."""
-    view = t.reshape(b, -1)
-    return (view * c.to(t.dtype)[:, None]).reshape(t.shape)
+    return (t.reshape(b, -1) * c.to(t.dtype)[:, None]).reshape(t.shape)
 
 
 def _ghost_sq(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """||sum_t a_t g_t^T||^2 per example for a (B, T, i), g (B, T, o), without forming it."""
+    """||sum_t g_t a_t^T||^2 per example for a (B, T, i), g (B, T, o), without forming it."""
     if a.shape[1] == 1:
         return _sq(a) * _sq(g)
     aa = torch.bmm(a, a.transpose(1, 2))
@@ -96,77 +111,71 @@ def _ghost_sq(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
 
 def _prefer_ghost(positions: int, d_in: int, d_out: int, strategy: str) -> bool:
     """Ghost costs ~2 T^2 (i + o) per example; materialising costs the per-example weight
-    gradient in small batched products plus its norm and weighted sum (~3 i o); both share
-    the clipped sum's ordinary weight-gradient product."""
+    gradient in small batched products plus its norm and weighted sum (~3 i o); the ghost
+    path's clipped sum is one ordinary weight-gradient product, as large as the materialising."""
     if strategy != "auto":
         return strategy == "ghost"
     return 2 * positions * positions * (d_in + d_out) <= 3 * d_in * d_out
 
 
 class _Linear(_Layer):
-    def __init__(self, *args):
-        super().__init__(*args)
+    def add(self, x: torch.Tensor, g: torch.Tensor) -> None:
         m, b = self.module, self.b
-        d_in, d_out = m.in_features, m.out_features
         # (B*K, ..., d) rows grouped by example -> (B, K*T, d): the K rows are more positions.
-        self.a = torch.cat([x.reshape(b, -1, d_in) for x, _ in self.calls], 1)
-        self.g = torch.cat([y.reshape(b, -1, d_out) for _, y in self.calls], 1)
-        self.a, self.g = self.a.float(), self.g.float()
-        self.ghost = _prefer_ghost(self.a.shape[1], d_in, d_out, self.strategy)
-        self.per_example = None
+        a = x.reshape(b, -1, m.in_features).float()
+        g = g.reshape(b, -1, m.out_features).float()
+        if self._trains("bias"):
+            self.bias_pe = _acc(self.bias_pe, g.sum(1))
+        if self._trains("weight"):
+            if _prefer_ghost(a.shape[1], m.in_features, m.out_features, self.strategy):
+                self.pairs.append((a, g))
+            else:
+                self.mat = _acc(self.mat, torch.bmm(g.transpose(1, 2), a))  # (B, o, i)
 
     def sq_norms(self) -> torch.Tensor:
-        m, a, g = self.module, self.a, self.g
-        total = 0.0
-        if m.weight.requires_grad:
-            if self.ghost:
-                total = _ghost_sq(a, g)
-            else:
-                self.per_example = torch.bmm(g.transpose(1, 2), a)  # (B, o, i)
-                total = _sq(self.per_example)
-        if m.bias is not None and m.bias.requires_grad:
-            self.bias_per_example = g.sum(1)
-            total = total + _sq(self.bias_per_example)
+        if self.pairs and self.mat is not None:  # calls of both kinds: cross terms need the gradients
+            for a, g in self.pairs:
+                self.mat.add_(torch.bmm(g.transpose(1, 2), a))
+            self.pairs = []
+        total = torch.zeros(self.b, device=self.module.weight.device)
+        if self.mat is not None:
+            total += _sq(self.mat)
+        if self.pairs:  # several calls are more positions of the same examples
+            total += _ghost_sq(torch.cat([a for a, _ in self.pairs], 1), torch.cat([g for _, g in self.pairs], 1))
+        if self.bias_pe is not None:
+            total += _sq(self.bias_pe)
         return total
 
     def write_clipped(self, c: torch.Tensor) -> None:
         m = self.module
-        if m.weight.requires_grad:
-            if self.per_example is not None:
-                _set_grad(m.weight, _weighted_sum(c, self.per_example))
+        weight = _weighted_sum(c, self.mat) if self.mat is not None else None
+        for a, g in self.pairs:
+            if a.shape[-1] < g.shape[-1]:  # scale the smaller operand
+                a = a * c[:, None, None]
             else:
-                scaled = self.g * c[:, None, None]
-                _set_grad(m.weight, scaled.reshape(-1, m.out_features).t() @ self.a.reshape(-1, m.in_features))
-        if m.bias is not None and m.bias.requires_grad:
-            _set_grad(m.bias, c @ self.bias_per_example)
-
-
-def _conv_geometry(m: nn.Conv2d, x: torch.Tensor):
-    """(input as the convolution sees it, padding): non-zero padding modes and string padding
-    are applied to the input, so the weight-gradient formulas see plain zero padding."""
-    if m.padding_mode != "zeros":
-        return F.pad(x, m._reversed_padding_repeated_twice, mode=m.padding_mode), (0, 0)
-    if m.padding == "valid":
-        return x, (0, 0)
-    if m.padding == "same":
-        return F.pad(x, m._reversed_padding_repeated_twice), (0, 0)
-    return x, _pair(m.padding)
+                g = g * c[:, None, None]
+            weight = _acc(weight, g.reshape(-1, m.out_features).t() @ a.reshape(-1, m.in_features))
+        if weight is not None:
+            _set_grad(m.weight, weight)
+        if self.bias_pe is not None:
+            _set_grad(m.bias, c @ self.bias_pe)
 
 
 class _Conv2d(_Layer):
     def __init__(self, *args):
         super().__init__(*args)
         m = self.module
-        self.inputs = [_conv_geometry(m, x.float())[0] for x, _ in self.calls]
-        self.padding = (0, 0) if m.padding_mode != "zeros" or isinstance(m.padding, str) else _pair(m.padding)
-        self.grads = [g.float() for _, g in self.calls]
-        positions = self.k * sum(g.shape[2] * g.shape[3] for g in self.grads)
-        groups = m.groups
-        d_in = m.in_channels // groups * m.kernel_size[0] * m.kernel_size[1]
-        d_out = m.out_channels // groups
-        self.ghost = _prefer_ghost(positions, d_in * groups, d_out * groups, self.strategy) if groups == 1 else \
-            (self.strategy == "ghost")
-        self.per_example = None
+        # Non-zero padding modes and string padding are applied to the input here, so the
+        # weight-gradient formulas see plain zero padding.
+        self.pre_pad = m.padding_mode != "zeros" or m.padding == "same"
+        self.padding = (0, 0) if self.pre_pad or m.padding == "valid" else _pair(m.padding)
+
+    def _input(self, x: torch.Tensor) -> torch.Tensor:
+        m = self.module
+        if not self.pre_pad:
+            return x
+        mode = "constant" if m.padding_mode == "zeros" else m.padding_mode
+        return F.pad(x, m._reversed_padding_repeated_twice, mode=mode)
 
     def _per_row_weight_grads(self, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
         """(R, *weight.shape): each row's weight gradient, without an unfolded copy of the input.
@@ -196,77 +205,54 @@ class _Conv2d(_Layer):
         m, b = self.module, self.b
         groups = m.groups
         u = F.unfold(x, m.kernel_size, dilation=m.dilation, padding=self.padding, stride=m.stride)
-        r, _, t = u.shape
+        t = u.shape[2]
         u = u.reshape(b, -1, groups, u.shape[1] // groups, t).permute(0, 2, 1, 4, 3)
         gg = g.reshape(b, -1, groups, g.shape[1] // groups, t).permute(0, 2, 1, 4, 3)
         return u.reshape(b * groups, -1, u.shape[-1]), gg.reshape(b * groups, -1, gg.shape[-1])
 
-    def sq_norms(self) -> torch.Tensor:
+    def add(self, x: torch.Tensor, g: torch.Tensor) -> None:
         m, b = self.module, self.b
-        total = 0.0
-        if m.weight.requires_grad:
-            if self.ghost:
-                pairs = [self._unfolded(x, g) for x, g in zip(self.inputs, self.grads)]
-                a = torch.cat([p[0] for p in pairs], 1)
-                gg = torch.cat([p[1] for p in pairs], 1)
-                total = _ghost_sq(a, gg).reshape(b, m.groups).sum(1)
+        x, g = self._input(x.float()), g.float()
+        if self._trains("bias"):
+            self.bias_pe = _acc(self.bias_pe, _rows_to_examples(g.sum((2, 3)), b))
+        if self._trains("weight"):
+            positions = self.k * g.shape[2] * g.shape[3]
+            d_in = m.in_channels * m.kernel_size[0] * m.kernel_size[1]
+            ghost = (_prefer_ghost(positions, d_in, m.out_channels, self.strategy) if m.groups == 1
+                     else self.strategy == "ghost")
+            if ghost:
+                self.pairs.append((x, g))
             else:
-                self.per_example = sum(_rows_to_examples(self._per_row_weight_grads(x, g), b)
-                                       for x, g in zip(self.inputs, self.grads))
-                total = _sq(self.per_example)
-        if m.bias is not None and m.bias.requires_grad:
-            self.bias_per_example = sum(_rows_to_examples(g.sum((2, 3)), b) for g in self.grads)
-            total = total + _sq(self.bias_per_example)
-        return total
-
-    def write_clipped(self, c: torch.Tensor) -> None:
-        m, b = self.module, self.b
-        if m.weight.requires_grad:
-            if self.per_example is not None:
-                _set_grad(m.weight, _weighted_sum(c, self.per_example))
-            else:
-                for x, g in zip(self.inputs, self.grads):
-                    _set_grad(m.weight, torch.nn.grad.conv2d_weight(x, m.weight.shape, _scale_rows(g, c, b), m.stride,
-                                                                    self.padding, m.dilation, m.groups))
-        if m.bias is not None and m.bias.requires_grad:
-            _set_grad(m.bias, c @ self.bias_per_example)
-
-
-class _Norm(_Layer):
-    """GroupNorm and LayerNorm: per-example gradients are per-channel sums, small enough to
-    materialise directly: d gamma = sum g * x_hat, d beta = sum g."""
+                self.mat = _acc(self.mat, _rows_to_examples(self._per_row_weight_grads(x, g), b))
 
     def sq_norms(self) -> torch.Tensor:
         m, b = self.module, self.b
-        weight, bias = getattr(m, "weight", None), getattr(m, "bias", None)
-        self.weight_pe = self.bias_pe = None
-        total = 0.0
-        for x, g in self.calls:
-            x, g = x.float(), g.float()
-            if isinstance(m, nn.GroupNorm):
-                dgamma, dbeta = _group_norm_row_grads(m, x, g, weight is not None and weight.requires_grad)
-            else:
-                x_hat = F.layer_norm(x, m.normalized_shape, eps=m.eps)
-                shape = m.normalized_shape
-                rows = x.shape[0]
-                dgamma = (g * x_hat).reshape(rows, -1, *shape).sum(1)
-                dbeta = g.reshape(rows, -1, *shape).sum(1)
-            if weight is not None and weight.requires_grad:
-                pe = _rows_to_examples(dgamma, b)
-                self.weight_pe = pe if self.weight_pe is None else self.weight_pe + pe
-            if bias is not None and bias.requires_grad:
-                pe = _rows_to_examples(dbeta, b)
-                self.bias_pe = pe if self.bias_pe is None else self.bias_pe + pe
-        for pe in (self.weight_pe, self.bias_pe):
-            if pe is not None:
-                total = total + _sq(pe)
-        return total
-
-    def write_clipped(self, c: torch.Tensor) -> None:
-        if self.weight_pe is not None:
-            _set_grad(self.module.weight, _weighted_sum(c, self.weight_pe))
+        if self.pairs and self.mat is not None:
+            for x, g in self.pairs:
+                self.mat.add_(_rows_to_examples(self._per_row_weight_grads(x, g), b))
+            self.pairs = []
+        total = torch.zeros(b, device=m.weight.device)
+        if self.mat is not None:
+            total += _sq(self.mat)
+        if self.pairs:
+            unfolded = [self._unfolded(x, g) for x, g in self.pairs]
+            a = torch.cat([u for u, _ in unfolded], 1)
+            gg = torch.cat([v for _, v in unfolded], 1)
+            total += _ghost_sq(a, gg).reshape(b, m.groups).sum(1)
         if self.bias_pe is not None:
-            _set_grad(self.module.bias, _weighted_sum(c, self.bias_pe))
+            total += _sq(self.bias_pe)
+        return total
+
+    def write_clipped(self, c: torch.Tensor) -> None:
+        m, b = self.module, self.b
+        weight = _weighted_sum(c, self.mat) if self.mat is not None else None
+        for x, g in self.pairs:
+            weight = _acc(weight, torch.nn.grad.conv2d_weight(x, m.weight.shape, _scale_rows(g, c, b), m.stride,
+                                                              self.padding, m.dilation, m.groups))
+        if weight is not None:
+            _set_grad(m.weight, weight)
+        if self.bias_pe is not None:
+            _set_grad(m.bias, c @ self.bias_pe)
 
 
 def _group_norm_row_grads(m: nn.GroupNorm, x: torch.Tensor, g: torch.Tensor, want_gamma: bool):
@@ -281,22 +267,60 @@ def _group_norm_row_grads(m: nn.GroupNorm, x: torch.Tensor, g: torch.Tensor, wan
     return torch.linalg.vecdot(gs, x_hat), dbeta
 
 
+class _Norm(_Layer):
+    """GroupNorm and LayerNorm: per-example gradients are per-channel sums, small enough to
+    materialise directly: d gamma = sum g * x_hat, d beta = sum g."""
+
+    def add(self, x: torch.Tensor, g: torch.Tensor) -> None:
+        m, b = self.module, self.b
+        x, g = x.float(), g.float()
+        if isinstance(m, nn.GroupNorm):
+            dgamma, dbeta = _group_norm_row_grads(m, x, g, self._trains("weight"))
+        else:
+            shape, rows = m.normalized_shape, x.shape[0]
+            dgamma = (g * F.layer_norm(x, shape, eps=m.eps)).reshape(rows, -1, *shape).sum(1) \
+                if self._trains("weight") else None
+            dbeta = g.reshape(rows, -1, *shape).sum(1)
+        if self._trains("weight"):
+            self.mat = _acc(self.mat, _rows_to_examples(dgamma, b))
+        if self._trains("bias"):
+            self.bias_pe = _acc(self.bias_pe, _rows_to_examples(dbeta, b))
+
+    def sq_norms(self) -> torch.Tensor:
+        total = torch.zeros(self.b, device=self.module.weight.device)
+        for pe in (self.mat, self.bias_pe):
+            if pe is not None:
+                total += _sq(pe)
+        return total
+
+    def write_clipped(self, c: torch.Tensor) -> None:
+        if self.mat is not None:
+            _set_grad(self.module.weight, _weighted_sum(c, self.mat))
+        if self.bias_pe is not None:
+            _set_grad(self.module.bias, _weighted_sum(c, self.bias_pe))
+
+
 class _Embedding(_Layer):
     """An example's gradient has a row per distinct index it looks up: its squared norm is
     sum_{t,s} [idx_t = idx_s] (g_t . g_s) (ghost, exact), the clipped sum an index_add."""
 
     def __init__(self, *args):
         super().__init__(*args)
-        m, b = self.module, self.b
+        m = self.module
         if m.scale_grad_by_freq or m.sparse:
-            raise BadInput(f"grad_sample_mode=bk does not support nn.Embedding with scale_grad_by_freq or sparse "
-                           f"gradients; use grad_sample_mode=vmap")
-        self.idx = torch.cat([i.reshape(b, -1) for i, _ in self.calls], 1)
-        self.g = torch.cat([g.float().reshape(b, -1, m.embedding_dim) for _, g in self.calls], 1)
+            raise BadInput("grad_sample_mode=bk does not support nn.Embedding with scale_grad_by_freq or sparse "
+                           "gradients; use grad_sample_mode=vmap")
+
+    def add(self, idx: torch.Tensor, g: torch.Tensor) -> None:
+        m, b = self.module, self.b
+        idx, g = idx.reshape(b, -1), g.float().reshape(b, -1, m.embedding_dim)
         if m.padding_idx is not None:  # the padding row gets no gradient
-            self.g = self.g.masked_fill((self.idx == m.padding_idx)[..., None], 0.0)
+            g = g.masked_fill((idx == m.padding_idx)[..., None], 0.0)
+        self.pairs.append((idx, g))
 
     def sq_norms(self) -> torch.Tensor:
+        self.idx = torch.cat([i for i, _ in self.pairs], 1)
+        self.g = torch.cat([g for _, g in self.pairs], 1)
         if self.idx.shape[1] == 1:
             return _sq(self.g)
         same = (self.idx[:, :, None] == self.idx[:, None, :]).to(self.g.dtype)
@@ -318,6 +342,27 @@ def _handler(module: nn.Module) -> type[_Layer]:
     if isinstance(module, nn.Embedding):
         return _Embedding
     return _Norm
+
+
+def _sources(outputs: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The recorded outputs that depend on no other recorded output. Asking autograd for the
+    gradients at these alone makes it run every node between them and the loss, so the hooks of
+    all recorded outputs fire, while it forms no weight gradient and keeps no other gradient."""
+    recorded = {o.grad_fn for o in outputs}
+    below: dict = {}  # node -> a recorded node is reachable under it (itself excluded)
+    for start in recorded:
+        stack = [(start, False)]
+        while stack:
+            node, expanded = stack.pop()
+            if node in below and not expanded:
+                continue
+            children = [n for n, _ in node.next_functions if n is not None]
+            if expanded:
+                below[node] = any(c in recorded or below[c] for c in children)
+            else:
+                stack.append((node, True))
+                stack.extend((c, False) for c in children if c not in below)
+    return [o for o in outputs if not below[o.grad_fn]]
 
 
 def trainable_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -361,20 +406,23 @@ class BookKeepingClipping:
             raise BadInput("grad_sample_mode=bk: a trainable parameter belongs to no layer; use grad_sample_mode=vmap")
         self.last_norms: torch.Tensor | None = None  # the chunk's per-example norms (tests read them)
 
-    def _record(self, calls: dict):
-        def hook(module, inputs, output):
-            if torch.is_grad_enabled() and output.requires_grad:
-                calls.setdefault(module, []).append((inputs[0].detach(), output, output._version))
-        return hook
-
-    def per_example_work(self, x: torch.Tensor, y: torch.Tensor) -> tuple[list[_Layer], torch.Tensor]:
-        """Forward and one backward to the layer outputs; returns the layers' work and the
-        per-example (K-mean) losses."""
-        k = self.k
-        b = len(x)
+    def backward(self, x: torch.Tensor, y: torch.Tensor) -> tuple[list[_Layer], torch.Tensor]:
+        """Forward, and one backward to the layer outputs that fills each layer's book; returns
+        the books and the per-example (K-mean) losses."""
+        k, b = self.k, len(x)
         xs, ys = (x.repeat_interleave(k, 0), y.repeat_interleave(k, 0)) if k > 1 else (x, y)
-        calls: dict = {}
-        handles = [m.register_forward_hook(self._record(calls)) for _, m in self.layers]
+        books = {m: _handler(m)(m, b, k, self.strategy) for _, m in self.layers}
+        recorded = []
+
+        def forward_hook(module, inputs, output):
+            if not (torch.is_grad_enabled() and isinstance(output, torch.Tensor) and output.requires_grad):
+                return
+            book, held = books[module], [inputs[0].detach()]
+            # pop: the input is released as soon as its layer's gradient has been used
+            output.register_hook(lambda g: book.add(held.pop(), g))
+            recorded.append((module, output, output._version))
+
+        handles = [m.register_forward_hook(forward_hook) for _, m in self.layers]
         try:
             losses = self.loss(self.model, xs, ys)
         finally:
@@ -382,36 +430,31 @@ class BookKeepingClipping:
                 h.remove()
         if losses.shape != (len(xs),):
             raise RuntimeError(f"per-sample loss must have shape ({len(xs)},), got {tuple(losses.shape)}")
-        flat = [(m, i) for m, cs in calls.items() for i in range(len(cs))]
-        outputs = [calls[m][i][1] for m, i in flat]
-        for out, (m, i) in zip(outputs, flat):
-            if out._version != calls[m][i][2]:
-                raise BadInput(f"grad_sample_mode=bk: the output of a {type(m).__name__} layer is modified in place "
-                               f"after it; use grad_sample_mode=vmap")
-        # Gradients at the layer outputs only: autograd forms no weight gradient here.
-        grads = torch.autograd.grad(losses.sum() / k, outputs, allow_unused=True) if outputs else []
-        pairs: dict = {}
-        for (m, i), out, g in zip(flat, outputs, grads):
-            if g is not None:
-                pairs.setdefault(m, []).append((calls[m][i][0], g))
-        work = [_handler(m)(m, pairs[m], b, k, self.strategy) for _, m in self.layers if m in pairs]
-        return work, losses.detach().reshape(b, k).mean(1)
+        for module, output, version in recorded:
+            if output._version != version:
+                raise BadInput(f"grad_sample_mode=bk: the output of a {type(module).__name__} layer is modified "
+                               f"in place after it; use grad_sample_mode=vmap")
+        outputs = [output for _, output, _ in recorded]
+        del recorded
+        if outputs:  # gradients at the layer outputs only: autograd forms no weight gradient
+            torch.autograd.grad(losses.sum() / k, _sources(outputs), allow_unused=True)
+        return list(books.values()), losses.detach().reshape(b, k).mean(1)
 
     def compute(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Writes the chunk's clipped gradient sum to p.grad; returns the per-example losses."""
-        work, losses = self.per_example_work(x, y)
-        b = len(x)
-        sq = torch.zeros(b, dtype=torch.float32, device=losses.device)
-        for layer in work:
-            sq = sq + layer.sq_norms()
-        norms = sq.clamp_min(0).sqrt()
+        books, losses = self.backward(x, y)
+        sq = torch.zeros(len(x), dtype=torch.float32, device=losses.device)
+        for book in books:
+            if book.mat is not None or book.pairs or book.bias_pe is not None:
+                sq = sq + book.sq_norms()
+        norms = sq.sqrt()
         self.last_norms = norms
         c = (self.clip / (norms + 1e-6)).clamp(max=1.0)  # opacus' clipping factor
         for p in self.trainable:
             p.grad = None
-        for layer in work:
-            layer.write_clipped(c)
-            layer.calls = None
+        for book in books:
+            if book.mat is not None or book.pairs or book.bias_pe is not None:
+                book.write_clipped(c)
         for p in self.trainable:  # a layer the loss did not reach: zero gradient
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
@@ -424,9 +467,10 @@ def per_example_gradients(model: nn.Module, per_sample_loss: Callable, x: torch.
     (via the clipped-sum path with one-hot factors: slow, for checks on tiny inputs only)."""
     clipping = BookKeepingClipping(model, per_sample_loss, clip=math.inf, multiplicity=multiplicity,
                                    strategy=strategy)
-    work, _ = clipping.per_example_work(x, y)
-    for layer in work:
-        layer.sq_norms()
+    books, _ = clipping.backward(x, y)
+    books = [book for book in books if book.mat is not None or book.pairs or book.bias_pe is not None]
+    for book in books:
+        book.sq_norms()
     names = {id(p): n for n, p in model.named_parameters()}
     out = {n: torch.zeros(len(x), *p.shape) for n, p in model.named_parameters() if p.requires_grad}
     for i in range(len(x)):
@@ -434,8 +478,8 @@ def per_example_gradients(model: nn.Module, per_sample_loss: Callable, x: torch.
         onehot[i] = 1.0
         for p in clipping.trainable:
             p.grad = None
-        for layer in work:
-            layer.write_clipped(onehot)
+        for book in books:
+            book.write_clipped(onehot)
         for p in clipping.trainable:
             if p.grad is not None:
                 out[names[id(p)]][i] = p.grad.detach()
