@@ -91,7 +91,7 @@ def main() -> None:
     parser.add_argument("--channels", type=int, default=1)
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--physical", type=int, default=None)
-    parser.add_argument("--modes", default="vmap,hooks,functorch,ghost")
+    parser.add_argument("--modes", default="bk,vmap,hooks,functorch,ghost")
     parser.add_argument("--sample-n", type=int, default=64)
     parser.add_argument("--sample-steps", type=int, default=18)
     parser.add_argument("--threads", type=int, default=None)

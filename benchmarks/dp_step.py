@@ -60,7 +60,7 @@ def main() -> None:
                                 noise_multiplier=1.0, opts=FinetuneOptions(clip=1.0, lr=1e-3, grad_sample_mode=mode))
 
     rows = [{"step": "non-private (Adam)", "seconds_per_step": timed(nonprivate, args.repeats) / args.steps}]
-    for mode in ("ghost", "hooks", "functorch"):
+    for mode in ("bk", "ghost", "hooks", "functorch"):
         rows.append({"step": f"DP-SGD opacus {mode}", "seconds_per_step": timed(private(mode), args.repeats) / plan.steps})
     table = pd.DataFrame(rows)
     base = table.loc[0, "seconds_per_step"]

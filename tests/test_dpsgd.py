@@ -28,7 +28,7 @@ def per_sample(model, x, y):
     return model(x, y)
 
 
-@pytest.mark.parametrize("mode", ["ghost", "hooks"])
+@pytest.mark.parametrize("mode", ["bk", "ghost", "hooks"])
 def test_one_step_equals_mean_of_clipped_per_sample_gradients(mode):
     torch.manual_seed(0)
     x, y = torch.randn(16, 1, 8, 8), torch.randint(0, 4, (16,))

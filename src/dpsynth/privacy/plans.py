@@ -92,7 +92,7 @@ def check_private_optimizer(kind: str, grad_sample_mode: str | None = None, feed
     check_choice("optimizer", kind, PRIVATE_OPTIMIZERS)
     if kind == "dpsgd" and feedback_clip is not None:
         raise BadInput("`feedback_clip` is a setting of optimizer=efsgd; drop it or use optimizer=efsgd")
-    if kind == "efsgd" and grad_sample_mode == "ghost":
+    if kind == "efsgd" and grad_sample_mode in ("ghost", "bk"):
         raise BadInput("optimizer=efsgd needs each example's gradient (its error state is the unclipped mean); "
                        "use grad_sample_mode=vmap, hooks or functorch")
 

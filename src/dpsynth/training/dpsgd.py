@@ -23,6 +23,7 @@ from torch.utils.data import TensorDataset
 from ..errors import BadInput
 from ..progress import Progress, no_progress
 from . import distributed
+from .bookkeeping import BookKeepingClipping
 from .checkpoint import Checkpointing, capture_state, restore_model_and_optimizer, restore_rng
 from .dp_guards import check_poisson_sampler
 from ..privacy.plans import DPSGDPlan, check_private_optimizer
@@ -194,12 +195,14 @@ def train_dp(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
                 grad_sample_mode="ghost", criterion=nn.MSELoss())
         # opacus derives the denominator from len(dataset); the accounted one is the declared N * q.
         dp_optimizer.expected_batch_size = plan.dataset_size * plan.sample_rate
-    else:
-        per_example = PerExampleGradients(model, per_sample_loss, mode, k)
+    else:  # bk leaves the clipped sum in p.grad; the others per-example gradients in p.grad_sample
+        per_example = (BookKeepingClipping(model, per_sample_loss, clip, k) if mode == "bk"
+                       else PerExampleGradients(model, per_sample_loss, mode, k))
         dp_model = per_example.module
         dp_optimizer = make_private_optimizer(private_optimizer, base_optimizer, noise_multiplier=noise_multiplier,
                                               clip=clip, expected_batch_size=plan.dataset_size * plan.sample_rate,
-                                              secure=secure, feedback_clip=opts.feedback_clip)
+                                              secure=secure, feedback_clip=opts.feedback_clip,
+                                              clipped_sums=mode == "bk")
     # ---- distributed (training/distributed.py): rank 0's weights everywhere; the clipped sums
     # all-reduced and rank 0's noise broadcast, once per logical step. No-ops in one process.
     dp_optimizer = distributed.noise_once_across_ranks(dp_optimizer)
@@ -238,7 +241,7 @@ def train_dp(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
                 # ledger accounts for releases noise at every step.
                 dp_optimizer.zero_grad(set_to_none=True)
                 for p in trainable:
-                    if mode == "ghost":  # its optimizer sums p.grad, not grad_sample
+                    if mode in ("ghost", "bk"):  # their optimizer sums p.grad, not grad_sample
                         p.grad = torch.zeros_like(p)
                     else:
                         p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)

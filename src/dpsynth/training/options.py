@@ -17,7 +17,10 @@ from ..privacy.plans import PRIVATE_OPTIMIZERS
 from ..validation import check_choice, check_fraction, check_positive
 
 BASE_OPTIMIZERS = ("adam", "sgd")
-GRAD_SAMPLE_MODES = ("ghost", "vmap", "hooks", "functorch")
+GRAD_SAMPLE_MODES = ("bk", "ghost", "vmap", "hooks", "functorch")
+# Modes that never form each example's gradient (they clip norms computed from activations):
+# EFSGD's error feedback needs the gradients themselves.
+CLIPPED_SUM_MODES = ("bk", "ghost")
 # The options a user can set; a method accepts those that are keys of its `finetune_defaults`.
 OPTIONS = ("epochs", "batch_size", "clip", "lr", "grad_sample_mode", "noise_multiplicity", "physical_batch_size",
            "ema", "private_optimizer", "feedback_clip", "train_opts")
@@ -86,9 +89,9 @@ def check_combination(opts: FinetuneOptions) -> None:
     if opts.grad_sample_mode == "ghost" and (opts.noise_multiplicity or 1) > 1:
         raise BadInput(f"grad_sample_mode=ghost clips each row, so it cannot average noise_multiplicity="
                        f"{opts.noise_multiplicity} draws per example; use vmap, hooks or functorch")
-    if opts.private_optimizer == "efsgd" and opts.grad_sample_mode == "ghost":
-        raise BadInput("grad_sample_mode=ghost cannot be used with private_optimizer=efsgd (its error feedback needs "
-                       "each example's gradient); use vmap, hooks or functorch")
+    if opts.private_optimizer == "efsgd" and opts.grad_sample_mode in CLIPPED_SUM_MODES:
+        raise BadInput(f"grad_sample_mode={opts.grad_sample_mode} cannot be used with private_optimizer=efsgd (its "
+                       f"error feedback needs each example's gradient); use vmap, hooks or functorch")
     if opts.private_optimizer != "efsgd" and opts.feedback_clip is not None:
         raise BadInput("`feedback_clip` is a setting of private_optimizer=efsgd; drop it or use "
                        "private_optimizer=efsgd")
@@ -115,12 +118,13 @@ def resolve_options(method, given: FinetuneOptions) -> FinetuneOptions:
                        f"allowed: {', '.join(sorted(train)) or 'none'}")
     values["train_opts"] = {**train, **asked}
     notes = list(given.notes)
-    if (values.get("private_optimizer") == "efsgd" and values.get("grad_sample_mode") == "ghost"
+    default_mode = values.get("grad_sample_mode")
+    if (values.get("private_optimizer") == "efsgd" and default_mode in CLIPPED_SUM_MODES
             and given.grad_sample_mode is None):
-        # ghost was only the method's default: say so, and record it, rather than swap silently.
+        # it was only the method's default: say so, and record it, rather than swap silently.
         values["grad_sample_mode"] = "vmap"
-        notes.append(f"grad_sample_mode=vmap instead of {method.name}'s default ghost: private_optimizer=efsgd "
-                     f"needs each example's gradient")
+        notes.append(f"grad_sample_mode=vmap instead of {method.name}'s default {default_mode}: "
+                     f"private_optimizer=efsgd needs each example's gradient")
     opts = FinetuneOptions(**values, secure=given.secure, base_optimizer=given.base_optimizer, notes=tuple(notes))
     check_values(opts)
     check_combination(opts)

@@ -13,7 +13,7 @@ ledger events, which `dpsynth.privacy.plans` plans (torch-free) with the same `k
 
 from __future__ import annotations
 
-from opacus.optimizers import DPOptimizer
+from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
 from torch.optim import Optimizer
 
 from ..privacy.plans import check_private_optimizer
@@ -21,9 +21,17 @@ from ..privacy.plans import check_private_optimizer
 
 def make_private_optimizer(kind: str, base: Optimizer, *, noise_multiplier: float, clip: float,
                            expected_batch_size: float, secure: bool = False,
-                           feedback_clip: float | None = None) -> DPOptimizer:
-    """An opacus-compatible optimizer (DPOptimizer or subclass) over `base`."""
-    check_private_optimizer(kind, feedback_clip=feedback_clip)
+                           feedback_clip: float | None = None, clipped_sums: bool = False) -> DPOptimizer:
+    """An opacus-compatible optimizer (DPOptimizer or subclass) over `base`.
+
+    clipped_sums: the caller leaves the already clipped per-example SUM in p.grad (book-keeping,
+    `training.bookkeeping`): opacus' DPOptimizerFastGradientClipping sums it over the physical
+    chunks, adds N(0, (noise_multiplier * clip)^2) once and divides by expected_batch_size."""
+    check_private_optimizer(kind, "bk" if clipped_sums else None, feedback_clip=feedback_clip)
+    if clipped_sums:
+        return DPOptimizerFastGradientClipping(base, noise_multiplier=noise_multiplier, max_grad_norm=clip,
+                                               expected_batch_size=expected_batch_size, loss_reduction="mean",
+                                               secure_mode=secure)
     if kind == "efsgd":
         from .efsgd import EFSGDOptimizer
 
