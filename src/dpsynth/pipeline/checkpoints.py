@@ -53,7 +53,9 @@ class Checkpointer(Checkpointing):
         stopping = requested and step < self.total
         if stopping or step == self.total or (self.every and step % self.every == 0):
             state = snapshot()
-            ranks_rng = distributed.gather_objects(state["rng"])  # a collective: every rank takes part
+            # A collective: every rank takes part. Methods with their own mechanism (e.g. PE)
+            # run in one process and may keep no "rng" in their state.
+            ranks_rng = distributed.gather_objects(state["rng"]) if distributed.active() else None
             if ranks_rng is not None:
                 state["rank_rng"] = ranks_rng
             if self.run is not None:
