@@ -1,11 +1,10 @@
 """`dpsynth finetune`: the method's private training on the sensitive set within the run's total --eps."""
 
-import os
 from typing import Optional
 
 import typer
 
-from .flags import INVOKED
+from .flags import INVOKED, torchrun_follower
 from .common import (ArchOpt, DeltaOpt, DeviceOpt, JsonOpt, MethodOpt, QuietOpt, RunOpt, creates_runs, emit,
                      progress_bars)
 
@@ -59,7 +58,7 @@ def command(
         processes = _check_nproc(nproc, method, run)
         if processes > 1:
             raise SystemExit(distributed.launch_workers(processes, _without_nproc(INVOKED)))
-    follower = distributed.launched_world_size() > 1 and os.environ.get("RANK", "0") != "0"
+    follower = torchrun_follower()
     with progress_bars(quiet or json_out or follower, "finetune") as progress:
         options = FinetuneOptions(epochs=epochs, batch_size=batch_size, clip=clip, lr=lr,
                                   grad_sample_mode=grad_sample_mode, noise_multiplicity=noise_multiplicity,

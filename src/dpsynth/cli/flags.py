@@ -8,6 +8,8 @@ command's flag, else to the flag of that parameter in any other command (`evalua
 
 from __future__ import annotations
 
+import os
+
 import re
 
 import typer
@@ -59,3 +61,8 @@ def to_flags(message: str, flags: dict[str, str], hints: dict[str, str] | None =
         return hints.get(match.group(1), match.group(1))
 
     return _QUOTED.sub(quoted, _ASSIGNED.sub(assigned, message))
+
+
+def torchrun_follower() -> bool:
+    """A rank other than 0 of a torchrun launch (from its environment: no torch import here)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and os.environ.get("RANK", "0") != "0"

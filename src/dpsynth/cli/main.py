@@ -7,6 +7,7 @@ import sys
 import warnings
 
 from ..errors import DpsynthError, Interrupted, PeerStopped
+from .flags import torchrun_follower
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -24,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         app(args=argv, standalone_mode=False, prog_name="dpsynth")
     except Interrupted as exc:
-        if not _torchrun_follower():  # rank 0 says it once for all ranks
+        if not torchrun_follower():  # rank 0 says it once for all ranks
             sys.stderr.write(f"interrupted: {exc}\n")
         return 130
     except PeerStopped:  # rank 0 stopped before training and said why
@@ -49,11 +50,6 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     _print_notices()
     return 0
-
-
-def _torchrun_follower() -> bool:
-    """A rank other than 0 of a torchrun launch (from its environment: no torch import here)."""
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and os.environ.get("RANK", "0") != "0"
 
 
 def _print_notices() -> None:

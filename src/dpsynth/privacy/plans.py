@@ -53,6 +53,9 @@ from .calibration import calibrate_sigma
 from .events import GaussianEvent, PoissonGaussianEvent, PrivacyEvent, ShardGaussianEvent
 
 PRIVATE_OPTIMIZERS = ("dpsgd", "efsgd")
+# grad_sample_modes that never form each example's gradient (they clip norms computed from
+# activations and leave the clipped sum): EFSGD's error feedback needs the gradients themselves.
+CLIPPED_SUM_MODES = ("bk", "ghost")
 NOISE_FACTOR = math.sqrt(2.0)  # EFSGD's applied std = NOISE_FACTOR * sigma * C1 (two equal halves)
 DEFAULT_FEEDBACK_RATIO = 0.5  # EFSGD's default C2 = ratio * q * C1
 
@@ -92,7 +95,7 @@ def check_private_optimizer(kind: str, grad_sample_mode: str | None = None, feed
     check_choice("optimizer", kind, PRIVATE_OPTIMIZERS)
     if kind == "dpsgd" and feedback_clip is not None:
         raise BadInput("`feedback_clip` is a setting of optimizer=efsgd; drop it or use optimizer=efsgd")
-    if kind == "efsgd" and grad_sample_mode in ("ghost", "bk"):
+    if kind == "efsgd" and grad_sample_mode in CLIPPED_SUM_MODES:
         raise BadInput("optimizer=efsgd needs each example's gradient (its error state is the unclipped mean); "
                        "use grad_sample_mode=vmap, hooks or functorch")
 

@@ -13,14 +13,11 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from ..errors import BadInput
-from ..privacy.plans import PRIVATE_OPTIMIZERS
+from ..privacy.plans import CLIPPED_SUM_MODES, PRIVATE_OPTIMIZERS
 from ..validation import check_choice, check_fraction, check_positive
 
 BASE_OPTIMIZERS = ("adam", "sgd")
 GRAD_SAMPLE_MODES = ("bk", "ghost", "vmap", "hooks", "functorch")
-# Modes that never form each example's gradient (they clip norms computed from activations):
-# EFSGD's error feedback needs the gradients themselves.
-CLIPPED_SUM_MODES = ("bk", "ghost")
 # The options a user can set; a method accepts those that are keys of its `finetune_defaults`.
 OPTIONS = ("epochs", "batch_size", "clip", "lr", "grad_sample_mode", "noise_multiplicity", "physical_batch_size",
            "ema", "private_optimizer", "feedback_clip", "train_opts")
