@@ -92,9 +92,12 @@ def test_distances_are_frechet_distances_on_the_named_network_at_matched_sizes(p
     f_fake = evaluate_stage.extract_features(fake, features)
     f_sensitive = evaluate_stage.extract_features(sensitive, features)
     assert result["nearer_fid_sensitive"] == pytest.approx(fid_from_features(f_sensitive, f_fake), rel=1e-6)
-    # Other public images than the ones evaluate drew are nearer too: the first n, none of them in the set.
-    f_public = evaluate_stage.extract_features(public[:n], features)
-    assert fid_from_features(f_public, f_fake) < result["nearer_fid_sensitive"]
+    # Other public images than the ones evaluate drew are nearer too: three disjoint samples of n from
+    # the first 3n (none of them in the synthetic set); their median, as one sample of 400 at 8 px
+    # sits within the feature network's run-to-run variation of the margin.
+    others = [fid_from_features(evaluate_stage.extract_features(public[i * n:(i + 1) * n], features), f_fake)
+              for i in range(3)]
+    assert float(np.median(others)) < result["nearer_fid_sensitive"]
 
 
 def test_a_synthetic_set_from_the_sensitive_distribution_is_not_flagged(tmp_path, feature_cache, capsys):
