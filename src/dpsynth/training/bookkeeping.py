@@ -61,7 +61,11 @@ class _Layer:
         p = getattr(self.module, name, None)
         return p is not None and p.requires_grad
 
-    def add(self, x: torch.Tensor, g: torch.Tensor) -> None:
+    def capture(self, inputs: tuple, output: torch.Tensor):
+        """What the forward hook keeps for add(): the layer's input."""
+        return inputs[0].detach()
+
+    def add(self, held, g: torch.Tensor) -> None:  # held: what capture() kept
         raise NotImplementedError
 
     def sq_norms(self) -> torch.Tensor:  # (B,)
@@ -255,14 +259,19 @@ class _Conv2d(_Layer):
             _set_grad(m.bias, c @ self.bias_pe)
 
 
-def _group_norm_row_grads(m: nn.GroupNorm, x: torch.Tensor, g: torch.Tensor, want_gamma: bool):
-    """Per row and channel: d beta = sum g, d gamma = sum g * x_hat over the channel's positions
-    (x_hat recomputed by the same normalisation as the forward: numerically its own)."""
+def _group_norm_row_grads(m: nn.GroupNorm, x: torch.Tensor, g: torch.Tensor, want_gamma: bool, stats=None):
+    """Per row and channel: d beta = sum g, d gamma = sum g * x_hat over the channel's positions.
+    With the forward's own group statistics (`stats` = mean, rstd, each (rows, groups)), d gamma
+    = rstd * (sum g x - mean * sum g), torch's own GroupNorm backward formula, so x_hat is never
+    formed; without them x_hat is recomputed by the same normalisation as the forward."""
     rows, c = x.shape[:2]
     gs = g.reshape(rows, c, -1)
     dbeta = gs.sum(2)
     if not want_gamma:
         return None, dbeta
+    if stats is not None:
+        mean, rstd = (t.float().repeat_interleave(c // m.num_groups, dim=1) for t in stats)
+        return (torch.linalg.vecdot(gs, x.reshape(rows, c, -1)) - mean * dbeta) * rstd, dbeta
     x_hat = F.group_norm(x, m.num_groups, eps=m.eps).reshape(rows, c, -1)
     return torch.linalg.vecdot(gs, x_hat), dbeta
 
@@ -271,11 +280,20 @@ class _Norm(_Layer):
     """GroupNorm and LayerNorm: per-example gradients are per-channel sums, small enough to
     materialise directly: d gamma = sum g * x_hat, d beta = sum g."""
 
-    def add(self, x: torch.Tensor, g: torch.Tensor) -> None:
+    def capture(self, inputs: tuple, output: torch.Tensor):
+        """GroupNorm: also the forward's mean and rstd, saved by torch's own kernel (when that is
+        the kernel that ran), so that add() need not normalise the input again."""
+        node = output.grad_fn
+        if isinstance(self.module, nn.GroupNorm) and type(node).__name__ == "NativeGroupNormBackward0":
+            return inputs[0].detach(), (node._saved_result1.detach(), node._saved_result2.detach())
+        return inputs[0].detach(), None
+
+    def add(self, held: tuple, g: torch.Tensor) -> None:
         m, b = self.module, self.b
-        x, g = x.float(), g.float()
+        (x, stats), g = held, g.float()
+        x = x.float()
         if isinstance(m, nn.GroupNorm):
-            dgamma, dbeta = _group_norm_row_grads(m, x, g, self._trains("weight"))
+            dgamma, dbeta = _group_norm_row_grads(m, x, g, self._trains("weight"), stats)
         else:
             shape, rows = m.normalized_shape, x.shape[0]
             dgamma = (g * F.layer_norm(x, shape, eps=m.eps)).reshape(rows, -1, *shape).sum(1) \
@@ -417,7 +435,8 @@ class BookKeepingClipping:
         def forward_hook(module, inputs, output):
             if not (torch.is_grad_enabled() and isinstance(output, torch.Tensor) and output.requires_grad):
                 return
-            book, held = books[module], [inputs[0].detach()]
+            book = books[module]
+            held = [book.capture(inputs, output)]
             # pop: the input is released as soon as its layer's gradient has been used
             output.register_hook(lambda g: book.add(held.pop(), g))
             recorded.append((module, output, output._version))
