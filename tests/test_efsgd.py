@@ -233,9 +233,9 @@ def test_finetune_with_efsgd_through_the_cli(tmp_path, capsys):
     config = manifest["stages"]["finetune"]["config"]
     sigma, c1 = poisson["noise_multiplier"], config["clip"]
     assert config["private_optimizer"] == "efsgd" and config["feedback_clip"] == 0.05
-    assert config["grad_sample_mode"] == "vmap"  # ghost is the method's default; EFSGD needs per-example grads
+    assert config["grad_sample_mode"] == "vmap"  # bk is the method's default; EFSGD needs per-example grads
     # ... and the stage says so instead of swapping silently
-    assert any("grad_sample_mode=vmap" in note and "ghost" in note for note in config["option_notes"])
+    assert any("grad_sample_mode=vmap" in note and "bk" in note for note in config["option_notes"])
     assert config["noise_std"] == pytest.approx(math.sqrt(2) * sigma * c1)
     assert gaussian["noise_multiplier"] == pytest.approx(sigma * c1 / (2 * 0.05))
     assert poisson["sample_rate"] == pytest.approx(1 / 6) and poisson["steps"] == gaussian["steps"] == 6

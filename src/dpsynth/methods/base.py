@@ -50,7 +50,7 @@ class Method:
     # The keys are also the finetune options the method accepts: a given option whose key is
     # absent here is refused. "train_opts" holds method-specific settings (--train-opts k=v).
     finetune_defaults: ClassVar[dict[str, Any]] = {
-        "epochs": 2, "batch_size": 512, "clip": 1.0, "lr": 1e-3, "grad_sample_mode": "ghost",
+        "epochs": 2, "batch_size": 512, "clip": 1.0, "lr": 1e-3, "grad_sample_mode": "bk",
         "noise_multiplicity": 1, "physical_batch_size": None, "ema": None, "private_optimizer": "dpsgd",
         "feedback_clip": None, "train_opts": {}}
     own_mechanism: ClassVar[bool] = False  # True: plan_private/train_private replace DP-SGD on the loss
@@ -121,10 +121,14 @@ class Method:
         check_dp_compatible(generator)
         if opts.grad_sample_mode != "vmap":  # vmap computes each example alone: nothing can mix
             probe = torch.Generator().manual_seed(0)
-            check_per_sample_gradients(
-                generator, torch.randint(0, 256, (2, channels, resolution, resolution), dtype=torch.uint8,
-                                         generator=probe),
-                torch.randint(0, num_classes, (2,), generator=probe), self.per_sample_loss)
+            x = torch.randint(0, 256, (2, channels, resolution, resolution), dtype=torch.uint8, generator=probe)
+            y = torch.randint(0, num_classes, (2,), generator=probe)
+            check_per_sample_gradients(generator, x, y, self.per_sample_loss)
+            if opts.grad_sample_mode == "bk":  # and every trainable parameter inside a layer bk can clip
+                from ..training.bookkeeping import check_bookkeeping_covers, trainable_layers
+
+                trainable_layers(generator)
+                check_bookkeeping_covers(generator, x, y, self.per_sample_loss)
 
     def plan_private(self, *, dataset_size: int, opts: FinetuneOptions, spent: list, eps: float,
                      delta: float) -> PrivatePlan:

@@ -28,7 +28,7 @@ class DiffusionMethod(Method):
     """
 
     config_class, model_class = EDMConfig, EDMDiffusion
-    finetune_defaults = {"epochs": 2, "batch_size": 4096, "clip": 1e-3, "lr": 3e-4, "grad_sample_mode": "vmap",
+    finetune_defaults = {"epochs": 2, "batch_size": 4096, "clip": 1e-3, "lr": 3e-4, "grad_sample_mode": "bk",
                          "noise_multiplicity": 8, "physical_batch_size": 64, "ema": 0.999, "private_optimizer": "dpsgd",
                          "feedback_clip": None, "train_opts": {}}
     pretrain_defaults = {"epochs": 25, "batch_size": 64, "lr": 3e-4}

@@ -161,7 +161,7 @@ def train_dp(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
     """
     check_values(opts)
     check_combination(opts)
-    mode, clip, k = opts.grad_sample_mode or "ghost", opts.clip, opts.noise_multiplicity or 1
+    mode, clip, k = opts.grad_sample_mode or "bk", opts.clip, opts.noise_multiplicity or 1
     if clip is None:
         raise BadInput("clip is required for DP-SGD")
     # plan.dataset_size is the DECLARED N (the true size unless --public-size replaced it): it alone

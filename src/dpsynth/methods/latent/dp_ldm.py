@@ -28,7 +28,7 @@ class DPLDM(LatentDiffusionMethod):
 
     name = "dp-ldm"
     description = "DP-LDM: public-pretrained latent diffusion; DP-SGD on its attention blocks and class embedder"
-    finetune_defaults = {"epochs": 2, "batch_size": 4096, "clip": 1e-3, "lr": 4e-4, "grad_sample_mode": "vmap",
+    finetune_defaults = {"epochs": 2, "batch_size": 4096, "clip": 1e-3, "lr": 4e-4, "grad_sample_mode": "bk",
                          "noise_multiplicity": 1, "physical_batch_size": 512, "ema": None,
                          "private_optimizer": "dpsgd", "feedback_clip": None,
                          "train_opts": {"frozen_transformers": 0}}

@@ -25,7 +25,7 @@ class DPLoRA(LatentDiffusionMethod):
 
     name = "dp-lora"
     description = "DP-LoRA: public-pretrained latent diffusion; DP-SGD on LoRA adapters of its attention"
-    finetune_defaults = {"epochs": 2, "batch_size": 4096, "clip": 1e-3, "lr": 4.096e-3, "grad_sample_mode": "vmap",
+    finetune_defaults = {"epochs": 2, "batch_size": 4096, "clip": 1e-3, "lr": 4.096e-3, "grad_sample_mode": "bk",
                          "noise_multiplicity": 8, "physical_batch_size": 128, "ema": None,
                          "private_optimizer": "dpsgd", "feedback_clip": None,
                          "train_opts": {"lora_rank": 8, "lora_alpha": 8.0}}
