@@ -26,6 +26,7 @@ from . import distributed
 from .bookkeeping import BookKeepingClipping
 from .checkpoint import Checkpointing, capture_state, restore_model_and_optimizer, restore_rng
 from .dp_guards import check_poisson_sampler
+from .memory import release_freed_memory
 from ..privacy.plans import DPSGDPlan, check_private_optimizer
 from .options import FinetuneOptions, check_combination, check_values
 from .private_optimizer import make_private_optimizer
@@ -255,6 +256,8 @@ def train_dp(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
             if dp_optimizer._is_last_step_skipped:
                 raise RuntimeError("DP optimizer did not take the noisy step at the end of a logical batch")
             step += 1
+            if device.type == "cpu":  # varying Poisson batch sizes fragment the heap (training/memory.py)
+                release_freed_memory()
             if ema is not None:
                 ema.update(model)
             progress(phase, step, plan.steps, loss_sum / max(len(x), 1))
