@@ -68,3 +68,13 @@ def test_plan_counts_steps_and_sample_rate():
     assert plan.steps == 351
     with pytest.raises(BadInput):
         DPSGDPlan(dataset_size=10, batch_size=20, epochs=1)
+
+
+def test_freed_host_memory_is_handed_back_on_glibc():
+    import platform
+
+    from dpsynth.training.memory import release_freed_memory
+
+    if not (platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"):
+        pytest.skip("malloc_trim is glibc's")
+    assert release_freed_memory()  # the fine-tune's resident set depends on it (training/memory.py)
