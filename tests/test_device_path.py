@@ -206,6 +206,14 @@ def test_ghost_is_refused_under_bf16_and_precision_is_an_option_of_dp_sgd_method
         resolve_options(get_method("dp-gan"), FinetuneOptions(precision="bf16"))
 
 
+def test_the_cli_flags_precision_and_select_public_device():
+    from dpsynth.cli.flags import command_flags
+    from dpsynth.cli.app import app
+
+    assert command_flags(app, ["finetune"])["precision"] == "--precision"
+    assert command_flags(app, ["select-public"])["device"] == "--device"
+
+
 # ---- channels_last -------------------------------------------------------------------------------------
 def test_channels_last_only_for_convolutional_models_on_the_gpu():
     assert prefers_channels_last(ConvNet(), torch.device("cuda"))

@@ -220,8 +220,8 @@ def train_dp(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
         model.to(memory_format=memory_format)  # in place: the parameters stay the same objects
     per_sample_loss = with_precision(per_sample_loss, device, opts.precision)
     # No seeded generator on purpose: which images a Poisson batch holds must stay secret, so
-    # sampling (and the noise) use the device's global RNG, which the caller seeds from OS entropy
-    # (secure mode: opacus' CSPRNG on the CPU).
+    # sampling (and the noise) use the device's global RNG, which the caller seeds from OS entropy;
+    # secure mode samples from opacus' CSPRNG (a CPU generator; ghost's noise too, as make_private did).
     secure_rng = PrivacyEngine(secure_mode=True).secure_rng if secure else None
     # One process: every example; under torchrun, this rank's shard of the one global Poisson
     # sample at rate q (training/distributed.py). Moved to the device once, drawn by index there.
