@@ -279,15 +279,15 @@ def test_noisy_step_with_multiplicity_and_chunks_equals_opacus_hooks():
 
 def test_an_empty_poisson_batch_still_takes_its_noise_only_step(monkeypatch):
     """Every accounted step releases noise, even when the Poisson batch drew no image."""
-    from opacus.data_loader import DPDataLoader
+    from dpsynth.training.distributed import PoissonBatches
 
-    real_iter = DPDataLoader.__iter__
+    real_iter = PoissonBatches.__iter__
 
     def empty_batches(self):  # the same sampler's batches, emptied: the shapes of a zero draw
         for xb, yb in real_iter(self):
             yield xb[:0], yb[:0]
 
-    monkeypatch.setattr(DPDataLoader, "__iter__", empty_batches)
+    monkeypatch.setattr(PoissonBatches, "__iter__", empty_batches)
     model = build("cvae")
     x, y, noises = inputs("cvae", 4, 1)
     start = [p.detach().clone() for p in model.parameters()]

@@ -30,7 +30,7 @@ from ddp_workers import build, make_data, per_sample_loss_for, run_config, spawn
 from dpsynth.cli.main import main
 from dpsynth.pipeline.rundir import LOCK, MANIFEST, RunDir
 from dpsynth.privacy.plans import DPSGDPlan, applied_noise_std
-from dpsynth.training.distributed import ShardedPoissonSampler
+from dpsynth.training.distributed import PoissonBatches
 
 NOISE = dict(n=400, batch=100, epochs=2, d_in=20, d_out=500, sigma=1.3, clip=0.7, lr=1.0, zero_gradient=True)
 NOISE_CONFIGS = [
@@ -144,12 +144,13 @@ def test_without_noise_each_step_is_the_single_process_step_on_the_union_batch(t
 
 
 def test_sharded_sampler_partitions_the_examples_and_yields_every_step():
-    shards = [ShardedPoissonSampler(num_samples=11, sample_rate=1.0, rank=r, world_size=3, steps=4)
-              for r in range(3)]
+    x, y = torch.randn(11, 2), torch.arange(11)
+    shards = [PoissonBatches(x, y, sample_rate=1.0, rank=r, world_size=3, steps=4) for r in range(3)]
     assert sorted(i for s in shards for i in s.shard.tolist()) == list(range(11))
     assert all(len(list(iter(s))) == 4 for s in shards)
-    never = ShardedPoissonSampler(num_samples=11, sample_rate=1e-12, rank=1, world_size=3, steps=5)
-    assert list(iter(never)) == [[]] * 5  # empty local batches are still steps
+    assert sorted(i for s in shards for i in next(iter(s))[1].tolist()) == list(range(11))  # q = 1: all
+    never = PoissonBatches(x, y, sample_rate=1e-12, rank=1, world_size=3, steps=5)
+    assert [len(b) for b, _ in never] == [0] * 5  # empty local batches are still steps
 
 
 # ---- the CLI ----------------------------------------------------------------------------------------

@@ -6,12 +6,12 @@ import math
 
 import pytest
 import torch
-from opacus.data_loader import DPDataLoader
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from dpsynth.errors import BadInput
 from dpsynth.methods import get_method
+from dpsynth.training.distributed import PoissonBatches
 from dpsynth.training.dp_guards import check_per_sample_gradients, check_poisson_sampler
 from dpsynth.training.dpsgd import DPSGDPlan, train_dp
 from dpsynth.training.options import FinetuneOptions
@@ -79,13 +79,17 @@ def test_batchnorm_reaching_train_dp_fails_before_any_step():
                  noise_multiplier=1.0, opts=FinetuneOptions(clip=1.0, lr=0.1, grad_sample_mode="hooks"))
 
 
-def test_sampler_type_and_rate_are_checked():
-    data = TensorDataset(torch.zeros(100, 2))
-    check_poisson_sampler(DPDataLoader(data, sample_rate=0.1), 0.1)
+def test_sampler_type_rate_steps_and_shard_are_checked():
+    x, y = torch.zeros(100, 2), torch.zeros(100)
+    check_poisson_sampler(PoissonBatches(x, y, sample_rate=0.1, steps=10), 0.1, 10)
     with pytest.raises(RuntimeError, match="not Poisson"):
-        check_poisson_sampler(DataLoader(data, batch_size=10, shuffle=True), 0.1)
+        check_poisson_sampler(DataLoader(TensorDataset(x, y), batch_size=10, shuffle=True), 0.1, 10)
     with pytest.raises(RuntimeError, match="differs from the accounted"):
-        check_poisson_sampler(DPDataLoader(data, sample_rate=0.2), 0.1)
+        check_poisson_sampler(PoissonBatches(x, y, sample_rate=0.2, steps=10), 0.1, 10)
+    with pytest.raises(RuntimeError, match="the plan accounts for 10"):
+        check_poisson_sampler(PoissonBatches(x, y, sample_rate=0.1, steps=9), 0.1, 10)
+    with pytest.raises(RuntimeError, match="this is process 0 of 1"):  # another rank's shard
+        check_poisson_sampler(PoissonBatches(x, y, sample_rate=0.1, steps=10, rank=1, world_size=2), 0.1, 10)
 
 
 def test_batches_train_dp_draws_have_poisson_sizes():

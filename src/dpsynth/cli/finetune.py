@@ -33,6 +33,9 @@ def command(
                                             "(error feedback, EFSGD/DiceSGD)." + _DEFAULT),
     feedback_clip: Optional[float] = typer.Option(None, "--feedback-clip", help="EFSGD: clipping norm C2 of the "
                                                   "error-feedback term." + _DEFAULT),
+    precision: Optional[str] = typer.Option(None, "--precision", help="DP-SGD methods: fp32, or bf16 (the forward "
+                                            "under bf16 autocast; per-example clipping and noise stay fp32)."
+                                            " Default: fp32."),
     train_opts: Optional[str] = typer.Option(None, "--train-opts", help="Method-specific settings as JSON or k=v "
                                              "pairs (e.g. n_critic=5,lr_g=2e-4); unknown keys are refused."),
     secure: bool = typer.Option(False, "--secure", help="opacus secure_mode (CSPRNG noise; slower)."),
@@ -64,7 +67,7 @@ def command(
                                   grad_sample_mode=grad_sample_mode, noise_multiplicity=noise_multiplicity,
                                   physical_batch_size=physical_batch_size, ema=ema,
                                   private_optimizer=private_optimizer, feedback_clip=feedback_clip,
-                                  train_opts=train_opts, secure=secure)
+                                  precision=precision, train_opts=train_opts, secure=secure)
         try:
             result = run_finetune(run, settings, eps=eps, options=options, delta=delta, method=method, arch=arch,
                                   device=device, resume=resume, checkpoint_every=checkpoint_every,

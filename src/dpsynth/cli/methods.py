@@ -7,11 +7,12 @@ from .common import TEXT_WIDTH, JsonOpt, emit, print_table
 
 def describe() -> list[dict]:
     from ..methods import METHODS  # every method class: this imports torch
+    from ..training.options import method_defaults
 
     rows = []
     for name in sorted(METHODS):
         cls = METHODS[name]
-        defaults = cls.finetune_defaults
+        defaults = method_defaults(cls)
         rows.append({
             "method": name, "description": cls.description,
             "select_public": cls.uses_public_selection,

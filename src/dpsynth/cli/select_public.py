@@ -4,7 +4,7 @@ from typing import Optional
 
 import typer
 
-from .common import (SENSITIVE_HELP, DeltaOpt, JsonOpt, MethodOpt, QuietOpt, RunOpt, creates_runs, emit,
+from .common import (SENSITIVE_HELP, DeltaOpt, DeviceOpt, JsonOpt, MethodOpt, QuietOpt, RunOpt, creates_runs, emit,
                      progress_bars)
 
 
@@ -16,7 +16,7 @@ def command(
     eps_query: Optional[float] = typer.Option(None, "--eps-query", help="Instead of --sigma: epsilon to spend on the query."),
     top_k: int = typer.Option(1, "--top-k", help="Public classes each sensitive image votes for."),
     select: Optional[int] = typer.Option(None, "--select", help="Public classes to select (default: one per sensitive class)."),
-    run: str = RunOpt, method: Optional[str] = MethodOpt, delta: Optional[float] = DeltaOpt,
+    device: str = DeviceOpt, run: str = RunOpt, method: Optional[str] = MethodOpt, delta: Optional[float] = DeltaOpt,
     quiet: bool = QuietOpt, json_out: bool = JsonOpt, settings=None,
 ) -> None:
     """Label the sensitive set with public classes, release a noisy histogram, select public data."""
@@ -24,5 +24,5 @@ def command(
 
     with progress_bars(quiet or json_out, "select-public") as progress:
         result = run_select_public(run, settings, sigma=sigma, eps_query=eps_query, top_k=top_k, select=select,
-                                   delta=delta, method=method, progress=progress)
+                                   delta=delta, method=method, device=device, progress=progress)
     emit(result, json_out, f"select-public → {run}")

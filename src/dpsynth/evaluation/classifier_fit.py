@@ -58,7 +58,7 @@ def accuracies_in_one_pass(
     for model in models.values():
         model.eval()
     total_batches = -(-_num_items(images) // batch_size)
-    correct = dict.fromkeys(models, 0)
+    correct = {key: torch.zeros((), dtype=torch.long, device=device) for key in models}  # read once, at the end
     seen = 0
     for done, (x, y) in enumerate(_batches(images, labels, batch_size), start=1):
         y = torch.as_tensor(y)
@@ -68,25 +68,25 @@ def accuracies_in_one_pass(
                 f"expected uint8 {tuple(image_shape)} like the synthetic set"
             )
         check_label_values(y, num_classes, f"{phase} labels")
-        x = _to_unit_range(x.to(device))
+        x, y_on = _to_unit_range(x.to(device)), y.to(device).long()
         for key, model in models.items():
-            correct[key] += int((model(x).argmax(1).cpu() == y.long()).sum())
+            correct[key] += (model(x).argmax(1) == y_on).sum()
         seen += y.numel()
         if progress is not None:
             progress(phase, done, total_batches)
     if seen == 0:
         raise BadInput(f"{phase} set is empty; at least one image is required")
-    return {key: c / seen for key, c in correct.items()}
+    return {key: int(c) / seen for key, c in correct.items()}
 
 
 def correct_count(model, images, labels, *, batch_size: int, device) -> int:
     """Number of correct top-1 predictions (the noisy-val query, before noise)."""
     model.eval()
-    hits = 0
+    hits = torch.zeros((), dtype=torch.long, device=device)
     with torch.no_grad():
         for x, y in _tensor_batches(images, labels, batch_size):
-            hits += int((model(_to_unit_range(x.to(device))).argmax(1).cpu() == y.long()).sum())
-    return hits
+            hits += (model(_to_unit_range(x.to(device))).argmax(1) == y.to(device).long()).sum()
+    return int(hits)
 
 
 def classification_accuracy(model: nn.Module, images: TestImages, labels: torch.Tensor | None, num_classes: int,
@@ -99,10 +99,10 @@ def _train_one_epoch(model, opt, images, labels, batch_size, device, gen, progre
                      phase="train") -> int:
     model.train()
     loss_fn = nn.CrossEntropyLoss()
-    order = torch.randperm(images.shape[0], generator=gen)
+    order = torch.randperm(images.shape[0], generator=gen).to(images.device)  # CPU generator: any device
     for start in range(0, order.numel(), batch_size):
         idx = order[start : start + batch_size]
-        x = _to_unit_range(images[idx].to(device))
+        x = _to_unit_range(images[idx].to(device))  # no-ops: train_with_rules moved the set to `device`
         y = labels[idx].to(device)
         opt.zero_grad(set_to_none=True)
         loss_fn(model(x), y).backward()
@@ -144,6 +144,7 @@ def train_with_rules(
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     image_shape = tuple(train_x.shape[1:])
+    train_x, train_y = train_x.to(device), train_y.to(device)  # once: batches are then indexed on the device
     model = build(classifier, image_shape, num_classes).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     total_steps = epochs * -(-train_x.shape[0] // batch_size)

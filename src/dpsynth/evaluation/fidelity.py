@@ -158,15 +158,18 @@ def make_feature_network(
                           probabilities=probabilities if classifier is not None else None)
 
 
-def _as_clean_fid_batch(images: torch.Tensor, resizer) -> torch.Tensor:
-    """uint8 (N,C,H,W) -> float32 RGB (N,3,H',W') in [0,255], as clean-fid's ResizeDataset yields."""
+def _as_clean_fid_batch(images: torch.Tensor, resizer, device: torch.device) -> torch.Tensor:
+    """uint8 (N,C,H,W) -> float32 RGB (N,3,H',W') in [0,255] on `device`, as clean-fid's ResizeDataset
+    yields. Its resize (PIL bicubic, part of clean-fid's definition) runs image by image on the CPU;
+    without one, the uint8 batch moves to the device as it is (a quarter of the float bytes)."""
+    if resizer is None:
+        images = images.to(device)
+        return (images.repeat(1, 3, 1, 1) if images.shape[1] == 1 else images).float()
     if images.shape[1] == 1:
         images = images.repeat(1, 3, 1, 1)
-    if resizer is None:
-        return images.float()
-    hwc = images.permute(0, 2, 3, 1).numpy()
+    hwc = images.cpu().permute(0, 2, 3, 1).numpy()
     resized = [torch.from_numpy(np.ascontiguousarray(resizer(img))).permute(2, 0, 1) for img in hwc]
-    return torch.stack(resized).float()
+    return torch.stack(resized).to(device).float()
 
 
 def _features(images, net: FeatureNetwork, device, batch_size, progress, phase, fn=None) -> np.ndarray:
@@ -177,7 +180,7 @@ def _features(images, net: FeatureNetwork, device, batch_size, progress, phase, 
     total = -(-n // batch_size)
     chunks = []
     for done, start in enumerate(range(0, n, batch_size), start=1):
-        batch = _as_clean_fid_batch(images[start : start + batch_size].cpu(), resizer)
+        batch = _as_clean_fid_batch(images[start : start + batch_size], resizer, device)
         feats = cleanfid_fid.get_batch_features(batch, fn or net.extractor, device)
         chunks.append(feats.reshape(feats.shape[0], -1))
         if progress is not None:

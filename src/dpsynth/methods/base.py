@@ -49,6 +49,8 @@ class Method:
     # DP fine-tuning defaults; every key is a `finetune` option a user can override.
     # The keys are also the finetune options the method accepts: a given option whose key is
     # absent here is refused. "train_opts" holds method-specific settings (--train-opts k=v).
+    # A DP-SGD method (not own_mechanism) also has the DP-SGD loop's own settings (precision:
+    # training.options.DPSGD_DEFAULTS, merged in by options.method_defaults).
     finetune_defaults: ClassVar[dict[str, Any]] = {
         "epochs": 2, "batch_size": 512, "clip": 1.0, "lr": 1e-3, "grad_sample_mode": "bk",
         "noise_multiplicity": 1, "physical_batch_size": None, "ema": None, "private_optimizer": "dpsgd",

@@ -94,7 +94,8 @@ class ConditionalVAE(nn.Module):
     @torch.no_grad()
     def sample(self, labels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """uint8 images (N, C, H, W) for the given labels; the decoder mean, not a noisy draw."""
-        z = torch.randn(len(labels), self.cfg.latent_dim, generator=generator, device=labels.device)
-        probs = torch.sigmoid(self.decoder(z, labels))
+        device = next(self.parameters()).device
+        z = torch.randn(len(labels), self.cfg.latent_dim, generator=generator).to(device)  # CPU generator: any device
+        probs = torch.sigmoid(self.decoder(z, labels.to(device)))
         return (probs * 255.0).round().clamp(0, 255).to(torch.uint8)
 

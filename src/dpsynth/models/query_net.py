@@ -70,11 +70,14 @@ def train_query_net(net: QueryNet, images: torch.Tensor, labels: torch.Tensor, *
 
 
 @torch.no_grad()
-def predict_topk(net: QueryNet, images: torch.Tensor, k: int, batch_size: int = 1024) -> torch.Tensor:
-    """(N, k) indices of each image's k most likely public classes."""
-    net.eval()
-    out = [net(normalise(images[i:i + batch_size])).topk(k, dim=1).indices for i in range(0, len(images), batch_size)]
-    return torch.cat(out)
+def predict_topk(net: QueryNet, images: torch.Tensor, k: int, batch_size: int = 1024,
+                 device: torch.device | str = "cpu") -> torch.Tensor:
+    """(N, k) indices (on the CPU) of each image's k most likely public classes, computed on `device`
+    (the net moves there; each uint8 batch moves as is)."""
+    net.to(device).eval()
+    out = [net(normalise(images[i:i + batch_size].to(device))).topk(k, dim=1).indices
+           for i in range(0, len(images), batch_size)]
+    return torch.cat(out).cpu()
 
 
 @torch.no_grad()

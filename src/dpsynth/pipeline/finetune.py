@@ -100,7 +100,7 @@ def _run_finetune(run_path, settings, *, eps, options, delta, method, arch, devi
     check_values(options)
     if checkpoint_every is not None:
         check_positive("checkpoint_every", checkpoint_every, integer=True)
-    check_secure_available(options.secure)
+    check_secure_available(options.secure, resolve_device(device))
     existing = RunDir.open(run_path) if RunDir.exists(run_path) else None
     method_name = method or (existing.manifest["method"] if existing else DEFAULT_METHOD)
     method_obj = get_method(method_name, parse_arch(arch))

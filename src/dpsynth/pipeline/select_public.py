@@ -21,6 +21,7 @@ from .names import SELECT_PUBLIC as STAGE, SELECTION
 from ..validation import check_positive
 from .common import (DataSettings, Progress, load_public, public_record, no_progress,
                      open_or_create_run, settings_from_run)
+from ..training.device import resolve_device
 from .query_cache import query_net_for
 
 
@@ -32,7 +33,7 @@ def _skipped(method: str) -> dict:
 
 def run_select_public(run_path: str | Path, settings: DataSettings, *, sigma: float | None = None,
                       eps_query: float | None = None, top_k: int = 1, select: int | None = None,
-                      delta: float | None = None, method: str | None = None,
+                      delta: float | None = None, method: str | None = None, device: str | None = None,
                       progress: Progress = no_progress) -> dict:
     started = now()  # loading, the query network and the labelling come before the stage's entry opens
     if method is not None and not get_method(method).uses_public_selection:
@@ -45,6 +46,7 @@ def run_select_public(run_path: str | Path, settings: DataSettings, *, sigma: fl
     if eps_query is not None:
         check_positive("eps_query", eps_query)
     check_positive("top_k", top_k, integer=True)
+    torch_device = resolve_device(device)  # refused before the run is created
     if not settings.public:
         raise BadInput("select-public needs `public` NAME (a labelled public dataset)")
     run, sensitive = open_or_create_run(run_path, method=method, settings=settings, delta=delta)
@@ -65,14 +67,14 @@ def run_select_public(run_path: str | Path, settings: DataSettings, *, sigma: fl
                                        what="its query")
 
     net, net_identity = query_net_for(public, seed=settings.seed, progress=progress)
-    topk = predict_topk(net, sensitive.images, top_k)
+    topk = predict_topk(net, sensitive.images, top_k, device=torch_device)
     hist = semantic_histogram(topk, sensitive.labels, rows, public.num_classes)
 
     event = GaussianEvent(stage=STAGE, noise_multiplier=float(sigma))
     eps_after = compose_epsilon([*run.events(), event], run.delta).upper
     run.manifest["public"] = public_record(public)
     config = {"sigma": float(sigma), "eps_query": eps_query, "top_k": top_k, "select": n_select,
-              "query_network": net_identity}
+              "query_network": net_identity, "device": str(torch_device)}
     # The event is written before the noisy histogram exists.
     with stage_run(run, STAGE, config, events=[event], started=started):
         noisy = add_gaussian_noise(hist, sigma, top_k)

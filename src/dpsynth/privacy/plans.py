@@ -82,8 +82,8 @@ class DPSGDPlan:
 
     @property
     def sample_rate(self) -> float:
-        # opacus' DPDataLoader draws len = round(1/q) batches per epoch; we pick q so that
-        # expected batch = batch_size and the loader's length is what we count.
+        # the Poisson batches (training.distributed.PoissonBatches) are round(1/q) per epoch; we
+        # pick q so that expected batch = batch_size and the steps taken are what we count.
         return 1.0 / self.steps_per_epoch
 
     @property

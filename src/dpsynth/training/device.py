@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 from ..errors import BadInput
 
@@ -19,3 +20,9 @@ def resolve_device(name: str | None) -> torch.device:
             raise BadInput(f"device={name} asked for a GPU, but torch sees none; use `device` cpu or auto")
         return torch.device(name)
     raise BadInput(f"device={name!r} is unknown; choose auto, cpu or cuda[:N]")
+
+
+def prefers_channels_last(model: nn.Module, device: torch.device) -> bool:
+    """channels_last (NHWC) for a convolutional model on the GPU, where cuDNN's convolutions
+    (tensor cores) run faster in it; on the CPU it is usually slower, so never there."""
+    return device.type == "cuda" and any(isinstance(m, nn.Conv2d) for m in model.modules())

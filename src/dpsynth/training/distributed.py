@@ -6,8 +6,9 @@ The mechanism the ledger accounts for is, per logical step t (of exactly `plan.s
     g_t  = ( sum_{i in B_t} clip(grad_i, C) + N(0, sigma^2 C^2 I) ) / (N_declared * q)
 
 Distributed, it is computed as follows (and nothing else changes):
-- sampling (`ShardedPoissonSampler`): rank r owns the examples r, r+W, r+2W, ... and keeps
-  each of them with probability q, from its own RNG (reseeded from OS entropy on every rank).
+- sampling (`PoissonBatches`, the one-process sampler with a shard): rank r owns the examples
+  r, r+W, r+2W, ... and keeps each of them with probability q, from its own RNG (reseeded from
+  OS entropy on every rank), by index on its device (its shard's images moved there once).
   The union over ranks is exactly one Poisson sample of the whole set at rate q. Every rank
   yields a batch at every step, possibly an empty one, so all ranks take the same steps
   (opacus' DistributedUniformWithReplacementSampler skips empty local batches, and ranks
@@ -45,11 +46,7 @@ from typing import Any, Sequence
 
 import torch
 import torch.distributed as dist
-from opacus.data_loader import wrap_collate_with_empty
-from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
-from torch.utils.data._utils.collate import default_collate
 
 from ..errors import BadInput
 
@@ -192,48 +189,65 @@ def check_method(method, processes: int) -> None:
 
 
 # ---- sampling -------------------------------------------------------------------------------------
-class ShardedPoissonSampler(UniformWithReplacementSampler):
-    """Rank r's part of one global Poisson sample per step: the examples r, r+W, ... each kept
-    with probability `sample_rate`, from `generator` (None: the global RNG, secret on every
-    rank). Yields exactly `steps` index lists per pass, empty ones included."""
+class PoissonBatches:
+    """This process's part of one Poisson sample of the N examples per logical step, drawn by
+    index on the training device: rank r of W owns the examples r, r+W, ... (all of them in one
+    process) and keeps each independently with probability `sample_rate`, one uniform per owned
+    example per step (`torch.rand(len(shard)) < q`, the law of opacus' UniformWithReplacementSampler).
+    The union over ranks is one Poisson sample of the whole set at rate q.
 
-    def __init__(self, *, num_samples: int, sample_rate: float, rank: int, world_size: int, generator=None,
-                 steps: int | None = None):
-        super().__init__(num_samples=num_samples, sample_rate=sample_rate, generator=generator, steps=steps)
+    This process's images and labels are moved to `device` once; a batch is `images[mask],
+    labels[mask]` there, so nothing is collated on the CPU. Every pass yields exactly `steps`
+    batches, empty (zero-row) ones included, so every rank takes every accounted step. The uniforms come from `generator`
+    when given (opacus' secure_rng, a CPU generator: drawn there, the mask moved), else from the
+    device's global RNG, which the caller seeds from OS entropy: which examples a batch holds is
+    secret. Nothing is drawn before the first step, so a checkpoint's RNG state resumes exactly.
+    `memory_format` (torch.channels_last for convolutional models on the GPU) applies to 4-D images."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, *, sample_rate: float, steps: int,
+                 device: torch.device | str = "cpu", rank: int = 0, world_size: int = 1, generator=None,
+                 memory_format: torch.memory_format = torch.preserve_format):
+        if len(images) != len(labels):
+            raise ValueError(f"{len(images)} images but {len(labels)} labels")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside a world of {world_size}")
-        self.rank, self.world_size = rank, world_size
-        self.shard = torch.arange(rank, num_samples, world_size)
+        if not 0.0 < sample_rate <= 1.0:
+            raise ValueError(f"sample_rate {sample_rate} outside (0, 1]")
+        self.device = torch.device(device)
+        # this process's examples only (a strided view, copied to the device once)
+        self.images = images[rank::world_size].to(self.device)
+        if self.images.dim() == 4 and memory_format != torch.preserve_format:
+            self.images = self.images.contiguous(memory_format=memory_format)
+        self.labels = labels[rank::world_size].to(self.device)
+        self.num_samples, self.sample_rate, self.steps = len(images), sample_rate, int(steps)
+        self.rank, self.world_size, self.generator = rank, world_size, generator
+        self.memory_format = memory_format
+        self.shard = torch.arange(rank, self.num_samples, world_size)  # the indices owned, in the whole set
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def draw(self) -> torch.Tensor:
+        """One step's inclusion mask over this process's examples (on the device)."""
+        if self.generator is None:
+            return torch.rand(len(self.shard), device=self.device) < self.sample_rate
+        return (torch.rand(len(self.shard), generator=self.generator) < self.sample_rate).to(self.device)
 
     def __iter__(self):
         for _ in range(self.steps):
-            mask = torch.rand(len(self.shard), generator=self.generator) < self.sample_rate
-            yield self.shard[mask].tolist()
+            mask = self.draw()
+            x = self.images[mask]
+            if x.dim() == 4 and self.memory_format != torch.preserve_format:
+                x = x.contiguous(memory_format=self.memory_format)  # a no-op when indexing kept it
+            yield x, self.labels[mask]
 
 
-class PoissonLoader(DataLoader):
-    """A DataLoader over a `ShardedPoissonSampler` that keeps opacus DPDataLoader's contract:
-    `sample_rate`, and empty batches collated as zero-row tensors of the right shapes."""
-
-    def __init__(self, dataset: Dataset, *, sample_rate: float, rank: int, world_size: int, generator=None):
-        first = dataset[0]
-        collate = wrap_collate_with_empty(collate_fn=default_collate,
-                                          sample_empty_shapes=[(0, *getattr(x, "shape", ())) for x in first],
-                                          dtypes=[getattr(x, "dtype", type(x)) for x in first])
-        super().__init__(dataset, collate_fn=collate, generator=generator,
-                         batch_sampler=ShardedPoissonSampler(num_samples=len(dataset), sample_rate=sample_rate,
-                                                             rank=rank, world_size=world_size, generator=generator))
-        self.sample_rate = sample_rate
-
-
-def poisson_loader(dataset: Dataset, sample_rate: float, generator=None) -> DataLoader:
-    """One process: opacus' DPDataLoader. Distributed: this rank's shard of the global sample."""
-    if not active():
-        from opacus.data_loader import DPDataLoader
-
-        return DPDataLoader(dataset, sample_rate=sample_rate, generator=generator)
-    return PoissonLoader(dataset, sample_rate=sample_rate, rank=rank(), world_size=world_size(),
-                         generator=generator)
+def poisson_batches(images: torch.Tensor, labels: torch.Tensor, sample_rate: float, steps: int, *,
+                    device: torch.device | str = "cpu", generator=None,
+                    memory_format: torch.memory_format = torch.preserve_format) -> PoissonBatches:
+    """This process's Poisson batches: all the examples in one process, its shard under torchrun."""
+    return PoissonBatches(images, labels, sample_rate=sample_rate, steps=steps, device=device, rank=rank(),
+                          world_size=world_size(), generator=generator, memory_format=memory_format)
 
 
 # ---- noise once per logical step ------------------------------------------------------------------

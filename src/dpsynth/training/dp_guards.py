@@ -10,20 +10,26 @@ from typing import Callable
 
 import torch
 from opacus import GradSampleModule
-from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from torch import nn
 
 from ..errors import BadInput
 
 
-def check_poisson_sampler(loader, sample_rate: float) -> None:
-    """The batch sampler actually used must be opacus' Poisson sampler at the accounted rate."""
-    sampler = getattr(loader, "batch_sampler", None)
-    if not isinstance(sampler, UniformWithReplacementSampler):
-        raise RuntimeError(f"DP-SGD data loader samples with {type(sampler).__name__}, not Poisson "
-                           f"(UniformWithReplacementSampler); the ledger's amplification by sampling would not hold")
-    if sampler.sample_rate != sample_rate:
-        raise RuntimeError(f"Poisson sample rate {sampler.sample_rate} differs from the accounted {sample_rate}")
+def check_poisson_sampler(batches, sample_rate: float, steps: int) -> None:
+    """The batches actually used must be Poisson (`distributed.PoissonBatches`) at the accounted
+    rate, `steps` per epoch, over this process's whole shard of the examples."""
+    from .distributed import PoissonBatches, rank, world_size
+
+    if type(batches) is not PoissonBatches:  # exact type: a subclass may draw otherwise
+        raise RuntimeError(f"DP-SGD batches are drawn by {type(batches).__name__}, not Poisson (PoissonBatches); "
+                           f"the ledger's amplification by sampling would not hold")
+    if batches.sample_rate != sample_rate:
+        raise RuntimeError(f"Poisson sample rate {batches.sample_rate} differs from the accounted {sample_rate}")
+    if batches.steps != steps:
+        raise RuntimeError(f"Poisson batches give {batches.steps} steps per epoch, the plan accounts for {steps}")
+    if (batches.rank, batches.world_size) != (rank(), world_size()) or len(batches.shard) != len(batches.images):
+        raise RuntimeError(f"Poisson batches hold shard {batches.rank}/{batches.world_size} of the examples, "
+                           f"but this is process {rank()} of {world_size()}")
 
 
 def check_per_sample_gradients(model: nn.Module, x: torch.Tensor, y: torch.Tensor,

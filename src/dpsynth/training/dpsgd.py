@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import importlib.util
 import itertools
-import warnings
 from typing import Callable
 
 import torch
 from opacus import GradSampleModule, PrivacyEngine
+from opacus.grad_sample import GradSampleModuleFastGradientClipping
+from opacus.optimizers import DPOptimizerFastGradientClipping
 from opacus.utils.fast_gradient_clipping_utils import DPTensorFastGradientClipping
 from opacus.validators import ModuleValidator
 from torch import nn
@@ -25,6 +26,7 @@ from ..progress import Progress, no_progress
 from . import distributed
 from .bookkeeping import BookKeepingClipping
 from .checkpoint import Checkpointing, capture_state, restore_model_and_optimizer, restore_rng
+from .device import prefers_channels_last
 from .dp_guards import check_poisson_sampler
 from .memory import release_freed_memory
 from ..privacy.plans import DPSGDPlan, check_private_optimizer
@@ -32,13 +34,18 @@ from .options import FinetuneOptions, check_combination, check_values
 from .private_optimizer import make_private_optimizer
 
 NO_CHECKPOINTS = Checkpointing()
+CHANNELS_LAST_MODES = ("bk", "vmap")  # grad_sample_modes that train in channels_last on the GPU
 
 
-def check_secure_available(secure: bool) -> None:
-    """opacus' secure_mode needs torchcsprng; say so before any privacy event is written."""
+def check_secure_available(secure: bool, device: torch.device | None = None) -> None:
+    """opacus' secure_mode needs torchcsprng, and its CSPRNG is a CPU generator, which cannot draw
+    noise on a GPU; say so before any privacy event is written."""
     if secure and importlib.util.find_spec("torchcsprng") is None:
         raise BadInput("`secure` needs the torchcsprng package (opacus secure_mode), which is not installed; "
                        "install it or drop `secure`")
+    if secure and device is not None and device.type != "cpu":
+        raise BadInput(f"`secure` draws sampling and noise from opacus' CSPRNG, a CPU generator, so it cannot "
+                       f"train on device {device}; use device cpu or drop `secure`")
 
 
 def check_dp_compatible(model: nn.Module) -> None:
@@ -73,6 +80,36 @@ class ExponentialMovingAverage:
         return self.shadow
 
 
+def with_precision(per_sample_loss: Callable, device: torch.device, precision: str | None) -> Callable:
+    """The per-sample loss with its FORWARD under bf16 autocast ("bf16"; "fp32"/None: unchanged).
+    The losses come back in fp32 and every caller runs the backward, the per-example norms, the
+    clipping, the clipped sums and the noise outside it, in fp32 (the parameters stay fp32):
+    autocast there would cast even fp32 products to bf16."""
+    if precision != "bf16":  # values checked by options.check_values
+        return per_sample_loss
+
+    def loss(model, x, y):
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            losses = per_sample_loss(model, x, y)
+        return losses.float()
+
+    return loss
+
+
+class _Float32GradSampleModule(GradSampleModule):
+    """opacus' hooks, with each layer's input and output gradient in fp32 before its per-example
+    gradient is formed: under bf16 autocast they arrive in bf16, and the per-example gradients,
+    their norms and clipped sum must be fp32 (a no-op otherwise)."""
+
+    def rearrange_grad_samples(self, **kwargs):
+        activations, backprops = super().rearrange_grad_samples(**kwargs)
+        return [_float32(a) for a in activations], _float32(backprops)
+
+
+def _float32(t: torch.Tensor) -> torch.Tensor:
+    return t.float() if t.dtype in (torch.bfloat16, torch.float16) else t
+
+
 class PerExampleGradients:
     """Leaves on each trainable parameter `p.grad_sample`: one gradient per EXAMPLE of the
     loss averaged over `multiplicity` draws of the model's internal randomness.
@@ -93,8 +130,8 @@ class PerExampleGradients:
             self.module = model
             self._per_example = self._build_vmap()
         else:
-            self.module = GradSampleModule(model, batch_first=True, loss_reduction="mean",
-                                           force_functorch=mode == "functorch")
+            self.module = _Float32GradSampleModule(model, batch_first=True, loss_reduction="mean",
+                                                   force_functorch=mode == "functorch")
 
     def _build_vmap(self):
         from torch.func import functional_call, grad, vmap
@@ -146,7 +183,7 @@ def train_dp(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
     """Train `model` in place with DP-SGD; returns the underlying (unwrapped) module.
 
     `opts` (resolved): clip, lr, grad_sample_mode, noise_multiplicity, physical_batch_size,
-    private_optimizer, feedback_clip, secure, base_optimizer. The EMA tracker (when
+    private_optimizer, feedback_clip, precision, secure, base_optimizer. The EMA tracker (when
     opts.ema) is the caller's, so that it can export it.
     noise_multiplicity K (DPDM): each example's loss is averaged over K independent draws
     of the model's internal randomness (diffusion noise level and noise) BEFORE its
@@ -156,13 +193,17 @@ def train_dp(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
     logical batches fit in memory; the mechanism is unchanged.
     private_optimizer: "dpsgd" (opacus' DPOptimizer) or "efsgd" (error feedback; see
     `training.efsgd`), both accounted by the caller's events with `noise_multiplier`.
+    precision "bf16": the per-sample loss's forward under bf16 autocast (`with_precision`); the
+    parameters, per-example norms, clipping factors, clipped sums and noise stay fp32.
+    The sensitive images are moved to the model's device once and batches drawn there by index
+    (`distributed.PoissonBatches`); a convolutional model on the GPU trains in channels_last (bk, vmap).
     checkpoints.resume: a state from `training.checkpoint.capture_state`; training continues
     after its step with its weights, optimizer, EMA and RNG. checkpoints(step, snapshot) is
     called at every logical step boundary.
     """
     check_values(opts)
-    check_combination(opts)
     mode, clip, k = opts.grad_sample_mode or "bk", opts.clip, opts.noise_multiplicity or 1
+    check_combination(opts.replace(grad_sample_mode=mode))
     if clip is None:
         raise BadInput("clip is required for DP-SGD")
     # plan.dataset_size is the DECLARED N (the true size unless --public-size replaced it): it alone
@@ -171,45 +212,51 @@ def train_dp(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
     private_optimizer = opts.private_optimizer or "dpsgd"
     check_private_optimizer(private_optimizer, mode, opts.feedback_clip)
     check_dp_compatible(model)
-    check_secure_available(opts.secure)
     secure, resume, physical_batch_size = opts.secure, checkpoints.resume, opts.physical_batch_size
-    # No seeded generator on purpose: which images a Poisson batch holds must stay secret,
-    # so sampling (and opacus' noise) use the global RNG that the caller seeds from OS entropy.
-    engine = PrivacyEngine(secure_mode=secure)
-    # One process: opacus' DPDataLoader; under torchrun, this rank's shard of the one global
-    # Poisson sample at rate q (training/distributed.py).
-    loader = distributed.poisson_loader(TensorDataset(images, labels), plan.sample_rate,
-                                        generator=engine.secure_rng if secure else None)
-    # opacus derives steps as int(1/q), which float rounding can make one short.
-    loader.batch_sampler.steps = plan.steps_per_epoch
-    if len(loader) != plan.steps_per_epoch or loader.sample_rate != plan.sample_rate:
-        raise RuntimeError("DP data loader length differs from the accounted plan")
-    check_poisson_sampler(loader, plan.sample_rate)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    device = trainable[0].device if trainable else torch.device("cpu")
+    check_secure_available(secure, device)
+    # Only where per-example gradients are right on NHWC tensors (tests/test_device_path.py): opacus'
+    # conv grad/norm samplers (hooks, ghost) unfold by as_strided with NCHW strides, so on
+    # channels_last their per-example gradients, and ghost's clipping factors, would be wrong.
+    nhwc = mode in CHANNELS_LAST_MODES and prefers_channels_last(model, device)
+    memory_format = torch.channels_last if nhwc else torch.preserve_format
+    if memory_format == torch.channels_last:
+        model.to(memory_format=memory_format)  # in place: the parameters stay the same objects
+    per_sample_loss = with_precision(per_sample_loss, device, opts.precision)
+    # No seeded generator on purpose: which images a Poisson batch holds must stay secret, so
+    # sampling (and the noise) use the device's global RNG, which the caller seeds from OS entropy;
+    # secure mode samples and draws the noise from opacus' CSPRNG (a CPU generator: CPU training only).
+    secure_rng = PrivacyEngine(secure_mode=True).secure_rng if secure else None
+    # One process: every example; under torchrun, this rank's shard of the one global Poisson
+    # sample at rate q (training/distributed.py). Moved to the device once, drawn by index there.
+    batches = distributed.poisson_batches(images, labels, plan.sample_rate, plan.steps_per_epoch, device=device,
+                                          generator=secure_rng, memory_format=memory_format)
+    check_poisson_sampler(batches, plan.sample_rate, plan.steps_per_epoch)
     base_optimizer = optimizers[opts.base_optimizer](model.parameters(), lr=opts.lr)
     start = restore_model_and_optimizer(resume, model, base_optimizer, ema) if resume else 0
-    if mode == "ghost":
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            dp_model, dp_optimizer, _criterion, loader = engine.make_private(
-                module=model, optimizer=base_optimizer, data_loader=loader, noise_multiplier=noise_multiplier,
-                max_grad_norm=clip, poisson_sampling=False,  # loader above is already Poisson
-                grad_sample_mode="ghost", criterion=nn.MSELoss())
-        # opacus derives the denominator from len(dataset); the accounted one is the declared N * q.
-        dp_optimizer.expected_batch_size = plan.dataset_size * plan.sample_rate
+    # opacus derives the denominator from len(dataset); the accounted one is the declared N * q.
+    expected_batch_size = plan.dataset_size * plan.sample_rate
+    if mode == "ghost":  # what opacus' make_private(grad_sample_mode="ghost") builds
+        dp_model = GradSampleModuleFastGradientClipping(model, batch_first=True, loss_reduction="mean",
+                                                        max_grad_norm=clip, use_ghost_clipping=True)
+        dp_optimizer = DPOptimizerFastGradientClipping(base_optimizer, noise_multiplier=noise_multiplier,
+                                                       max_grad_norm=clip, expected_batch_size=expected_batch_size,
+                                                       loss_reduction="mean", generator=secure_rng,
+                                                       secure_mode=secure)
     else:  # bk leaves the clipped sum in p.grad; the others per-example gradients in p.grad_sample
         per_example = (BookKeepingClipping(model, per_sample_loss, clip, k) if mode == "bk"
                        else PerExampleGradients(model, per_sample_loss, mode, k))
         dp_model = per_example.module
         dp_optimizer = make_private_optimizer(private_optimizer, base_optimizer, noise_multiplier=noise_multiplier,
-                                              clip=clip, expected_batch_size=plan.dataset_size * plan.sample_rate,
+                                              clip=clip, expected_batch_size=expected_batch_size,
                                               secure=secure, feedback_clip=opts.feedback_clip,
-                                              clipped_sums=mode == "bk")
+                                              clipped_sums=mode == "bk", generator=secure_rng)
     # ---- distributed (training/distributed.py): rank 0's weights everywhere; the clipped sums
     # all-reduced and rank 0's noise broadcast, once per logical step. No-ops in one process.
     dp_optimizer = distributed.noise_once_across_ranks(dp_optimizer)
     distributed.broadcast_module(model)
     # ---- end distributed
-    trainable = [p for p in model.parameters() if p.requires_grad]
 
     def accumulate(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Leave this chunk's per-example gradient material on the parameters."""
@@ -221,20 +268,14 @@ def train_dp(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
         return losses.detach()
 
     dp_model.train()
-    device = trainable[0].device if trainable else torch.device("cpu")
     step = start
     chunk = physical_batch_size or len(images)
     per_epoch = plan.steps_per_epoch
-    # A DataLoader iterator draws its base seed from the RNG when created: mid-epoch, the
-    # checkpointed RNG state already follows that draw, so create it before restoring.
-    first = iter(loader) if resume and start % per_epoch else None
     if resume:
         restore_rng(resume)  # after everything above: the next draw is the first resumed step's
     for epoch in range(start // per_epoch, plan.epochs):
         todo = per_epoch - start % per_epoch if epoch == start // per_epoch else per_epoch
-        batches = first if first is not None and epoch == start // per_epoch else iter(loader)
         for x, y in itertools.islice(batches, todo):  # Poisson batches are independent across steps
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             pieces = list(zip(x.split(chunk), y.split(chunk))) if len(x) else []
             loss_sum = 0.0
             if not pieces:
@@ -265,6 +306,8 @@ def train_dp(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
     if step != plan.steps:
         raise RuntimeError(f"ran {step} DP-SGD steps but the ledger recorded {plan.steps}")
     distributed.check_in_sync(model, step)  # every rank: the same steps, the same weights
+    if memory_format == torch.channels_last:
+        model.to(memory_format=torch.contiguous_format)  # what is saved and sampled from: the usual layout
     return dp_model._module if hasattr(dp_model, "_module") else model
 
 

@@ -18,9 +18,12 @@ from ..validation import check_choice, check_fraction, check_positive
 
 BASE_OPTIMIZERS = ("adam", "sgd")
 GRAD_SAMPLE_MODES = ("bk", "ghost", "vmap", "hooks", "functorch")
-# The options a user can set; a method accepts those that are keys of its `finetune_defaults`.
+PRECISIONS = ("fp32", "bf16")
+# The options a user can set; a method accepts those that are keys of its `method_defaults`.
 OPTIONS = ("epochs", "batch_size", "clip", "lr", "grad_sample_mode", "noise_multiplicity", "physical_batch_size",
-           "ema", "private_optimizer", "feedback_clip", "train_opts")
+           "ema", "private_optimizer", "feedback_clip", "precision", "train_opts")
+# Settings of the DP-SGD loop (`training.dpsgd.train_dp`) itself: every DP-SGD method has them.
+DPSGD_DEFAULTS = {"precision": "fp32"}
 
 
 @dataclass(frozen=True)
@@ -38,6 +41,7 @@ class FinetuneOptions:
     ema: float | None = None
     private_optimizer: str | None = None
     feedback_clip: float | None = None
+    precision: str | None = None  # fp32, or bf16: the forward under bf16 autocast, clipping and noise in fp32
     train_opts: Any = None  # dict, or "k=v,..." / JSON text until resolved
     secure: bool = False
     base_optimizer: str = "adam"
@@ -79,6 +83,8 @@ def check_values(opts: FinetuneOptions) -> None:
         check_fraction("ema", opts.ema)
     if opts.grad_sample_mode is not None:
         check_choice("grad_sample_mode", opts.grad_sample_mode, GRAD_SAMPLE_MODES)
+    if opts.precision is not None:
+        check_choice("precision", opts.precision, PRECISIONS)
 
 
 def check_combination(opts: FinetuneOptions) -> None:
@@ -89,17 +95,27 @@ def check_combination(opts: FinetuneOptions) -> None:
     if opts.private_optimizer == "efsgd" and opts.grad_sample_mode in CLIPPED_SUM_MODES:
         raise BadInput(f"grad_sample_mode={opts.grad_sample_mode} cannot be used with private_optimizer=efsgd (its "
                        f"error feedback needs each example's gradient); use vmap, hooks or functorch")
+    if opts.precision == "bf16" and opts.grad_sample_mode == "ghost":
+        raise BadInput("grad_sample_mode=ghost cannot be used with precision=bf16 (its clipped sum comes from a "
+                       "second backward through the bf16 forward, not in fp32); use bk, vmap, hooks or functorch")
     if opts.private_optimizer != "efsgd" and opts.feedback_clip is not None:
         raise BadInput("`feedback_clip` is a setting of private_optimizer=efsgd; drop it or use "
                        "private_optimizer=efsgd")
 
 
+def method_defaults(method) -> dict:
+    """The finetune options a method accepts, with its defaults: its `finetune_defaults`, and for
+    a DP-SGD method (not `own_mechanism`) the DP-SGD loop's own settings too."""
+    own = method.finetune_defaults
+    return dict(own) if method.own_mechanism else {**DPSGD_DEFAULTS, **own}
+
+
 def resolve_options(method, given: FinetuneOptions) -> FinetuneOptions:
     """Given options over the method's defaults, checked: the one resolution of a finetune.
-    An option the method does not have (absent from its finetune_defaults) is refused."""
+    An option the method does not have (absent from its method_defaults) is refused."""
     from ..key_values import parse_arch
 
-    defaults = method.finetune_defaults
+    defaults = method_defaults(method)
     check_values(given)
     for key, value in given.given().items():
         if key not in defaults:

@@ -21,22 +21,26 @@ from ..privacy.plans import check_private_optimizer
 
 def make_private_optimizer(kind: str, base: Optimizer, *, noise_multiplier: float, clip: float,
                            expected_batch_size: float, secure: bool = False,
-                           feedback_clip: float | None = None, clipped_sums: bool = False) -> DPOptimizer:
+                           feedback_clip: float | None = None, clipped_sums: bool = False,
+                           generator=None) -> DPOptimizer:
     """An opacus-compatible optimizer (DPOptimizer or subclass) over `base`.
 
     clipped_sums: the caller leaves the already clipped per-example SUM in p.grad (book-keeping,
     `training.bookkeeping`): opacus' DPOptimizerFastGradientClipping sums it over the physical
-    chunks, adds N(0, (noise_multiplier * clip)^2) once and divides by expected_batch_size."""
+    chunks, adds N(0, (noise_multiplier * clip)^2) once and divides by expected_batch_size.
+    generator: the noise's source; with `secure`, opacus' CSPRNG (PrivacyEngine.secure_rng), without
+    which opacus would draw the noise from the global RNG."""
     check_private_optimizer(kind, "bk" if clipped_sums else None, feedback_clip=feedback_clip)
     if clipped_sums:
         return DPOptimizerFastGradientClipping(base, noise_multiplier=noise_multiplier, max_grad_norm=clip,
                                                expected_batch_size=expected_batch_size, loss_reduction="mean",
-                                               secure_mode=secure)
+                                               generator=generator, secure_mode=secure)
     if kind == "efsgd":
         from .efsgd import EFSGDOptimizer
 
         return EFSGDOptimizer(base, noise_multiplier=noise_multiplier, max_grad_norm=clip,
                               expected_batch_size=expected_batch_size, secure_mode=secure,
-                              feedback_clip=feedback_clip)
+                              feedback_clip=feedback_clip, generator=generator)
     return DPOptimizer(base, noise_multiplier=noise_multiplier, max_grad_norm=clip,
-                       expected_batch_size=expected_batch_size, loss_reduction="mean", secure_mode=secure)
+                       expected_batch_size=expected_batch_size, loss_reduction="mean", generator=generator,
+                       secure_mode=secure)

@@ -1,8 +1,8 @@
 """DP-GAN: DP-SGD on the discriminator, the generator trained only through it.
 
-One discriminator step = one Poisson batch of real images at rate q (opacus'
-DPDataLoader, exactly as `training.dpsgd.train_dp`; an empty batch still takes its
-noise-only step) and ONE private per-sample gradient computation on the real rows only:
+One discriminator step = one Poisson batch of real images at rate q (drawn by index on
+the device, `training.distributed.PoissonBatches`, exactly as `training.dpsgd.train_dp`; an
+empty batch still takes its noise-only step) and ONE private per-sample gradient computation on the real rows only:
 
     L_real(x_i) = softplus(-D(x_i, y_i)) [+ recon_weight * mean((D.reconstruct(x_i) - x_i)^2)]
 
@@ -37,13 +37,12 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from opacus.data_loader import DPDataLoader
 from torch import nn
-from torch.utils.data import TensorDataset
 
 from ...errors import BadInput
 from ...progress import Progress, no_progress
 from ...training.checkpoint import Checkpointing, capture_state, restore_model_and_optimizer, restore_rng
+from ...training.distributed import PoissonBatches
 from ...training.dp_guards import check_poisson_sampler
 from ...training.dpsgd import (NO_CHECKPOINTS, DPSGDPlan, ExponentialMovingAverage, PerExampleGradients,
                                check_dp_compatible)
@@ -160,27 +159,20 @@ def train_dp_gan(generator: ConditionalGenerator, images: torch.Tensor, labels: 
     dp_optimizer = make_private_optimizer(opts.private_optimizer or "dpsgd", base, noise_multiplier=noise_multiplier,
                                           clip=clip, expected_batch_size=expected_batch,
                                           feedback_clip=opts.feedback_clip)
-    # Poisson batches from the global RNG (reseeded from OS entropy by the stage): secret.
-    loader = DPDataLoader(TensorDataset(images, labels), sample_rate=schedule.sample_rate)
+    # Poisson batches by index on the device, from its global RNG (reseeded from OS entropy by
+    # the stage): secret. Exactly the accounted steps per epoch (opacus' int(1/q) can be one short).
     per_epoch = schedule.dpsgd.steps_per_epoch
-    loader.batch_sampler.steps = per_epoch  # opacus' int(1/q) can be one short from float rounding
-    if len(loader) != per_epoch:
-        raise RuntimeError("DP data loader length differs from the accounted plan")
-    check_poisson_sampler(loader, schedule.sample_rate)
+    batches = PoissonBatches(images, labels, sample_rate=schedule.sample_rate, steps=per_epoch, device=device)
+    check_poisson_sampler(batches, schedule.sample_rate, per_epoch)
     released: list[int] = []  # one entry per noisy release (set by the step hook)
     fake_batch = max(1, round(expected_batch))  # public: the expected, not the actual, batch size
     num_classes = cfg.num_classes
     d_steps, g_steps = start, start // schedule.n_critic
-    # Mid-epoch, the checkpointed RNG already follows the iterator's creation (see train_dp).
-    first = iter(loader) if resume and start % per_epoch else None
     if resume:
         restore_rng(resume)  # last: the next draw is the first resumed step's
     for epoch in range(start // per_epoch, schedule.epochs):
-        resumed_epoch = epoch == start // per_epoch
-        todo = per_epoch - start % per_epoch if resumed_epoch else per_epoch
-        batches = first if first is not None and resumed_epoch else iter(loader)
+        todo = per_epoch - start % per_epoch if epoch == start // per_epoch else per_epoch
         for x, y in itertools.islice(batches, todo):
-            x, y = x.to(device), y.to(device)
             # -- fake term: no sensitive data; per-row clipped, summed, no noise --------------
             with torch.no_grad():
                 y_fake = torch.randint(0, num_classes, (fake_batch,), device=device)
