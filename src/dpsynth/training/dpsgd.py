@@ -28,7 +28,7 @@ from .bookkeeping import BookKeepingClipping
 from .checkpoint import Checkpointing, capture_state, restore_model_and_optimizer, restore_rng
 from .device import prefers_channels_last
 from .dp_guards import check_poisson_sampler
-from .memory import release_freed_memory
+from .memory import HeapTrimmer
 from ..privacy.plans import DPSGDPlan, check_private_optimizer
 from .options import FinetuneOptions, check_combination, check_values
 from .private_optimizer import make_private_optimizer
@@ -268,6 +268,7 @@ def train_dp(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
         return losses.detach()
 
     dp_model.train()
+    trim_heap = HeapTrimmer() if device.type == "cpu" else (lambda: None)
     step = start
     chunk = physical_batch_size or len(images)
     per_epoch = plan.steps_per_epoch
@@ -297,8 +298,7 @@ def train_dp(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
             if dp_optimizer._is_last_step_skipped:
                 raise RuntimeError("DP optimizer did not take the noisy step at the end of a logical batch")
             step += 1
-            if device.type == "cpu":  # varying Poisson batch sizes fragment the heap (training/memory.py)
-                release_freed_memory()
+            trim_heap()  # varying Poisson batch sizes fragment the heap (training/memory.py)
             if ema is not None:
                 ema.update(model)
             progress(phase, step, plan.steps, loss_sum / max(len(x), 1))
