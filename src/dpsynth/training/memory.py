@@ -3,10 +3,10 @@
 DP-SGD's Poisson batches change size at every step, so the tensors of one step rarely fit the
 holes the last step's left in glibc's heap: freed memory stays mapped and the resident set
 grows step after step (the CVAE demo's fine-tune went from 1.3 GB after its first step to
-2.9 GB after 117). `malloc_trim(0)` returns the free pages, but the next step then faults them
-in again (trimming at every step made the CVAE's DP step 1.9x the non-private one instead of
-1.2x), so `HeapTrimmer` trims only once the resident set has grown by `slack` since the last
-trim. Elsewhere than glibc on Linux (macOS, musl) it does nothing.
+2.9 GB after 117). `malloc_trim(0)` returns the free pages, but the next step then faults its
+working set in again (trimming at every step made the CVAE's DP step 1.9x the non-private one
+instead of 1.2x), so `HeapTrimmer` trims only once the resident set has grown by `slack` above a
+step's working set (the resident set one step after the last trim). Elsewhere than glibc on Linux (macOS, musl) it does nothing.
 """
 
 from __future__ import annotations
@@ -48,8 +48,9 @@ def release_freed_memory() -> bool:
 
 
 class HeapTrimmer:
-    """Called at every step boundary: trims when the resident set is `slack` bytes above what it
-    was after the last trim (or at the first call)."""
+    """Called at every step boundary: trims when the resident set is `slack` bytes above the
+    working set, which is read at the first call and at the first call after each trim (one
+    step has then faulted its pages in again)."""
 
     def __init__(self, slack: int = DEFAULT_SLACK):
         self.slack, self.floor, self.trims = slack, None, 0
@@ -64,4 +65,4 @@ class HeapTrimmer:
         elif rss > self.floor + self.slack:
             release_freed_memory()
             self.trims += 1
-            self.floor = resident_bytes()
+            self.floor = None
