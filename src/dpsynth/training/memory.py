@@ -16,7 +16,7 @@ import ctypes.util
 import functools
 import os
 
-DEFAULT_SLACK = 256 << 20  # bytes the resident set may grow between trims
+DEFAULT_SLACK = 512 << 20  # bytes the resident set may grow above a step's working set between trims
 
 
 @functools.lru_cache(maxsize=1)
