@@ -24,7 +24,6 @@ import json
 import os
 import socket
 import tempfile
-import time
 import warnings
 from pathlib import Path
 
@@ -32,6 +31,7 @@ import torch
 import torch.multiprocessing as mp
 import yaml
 
+from interleaved import StepClock
 from dpsynth.pipeline.finetune import DEFAULT_METHOD
 
 
@@ -95,22 +95,17 @@ def _worker(rank: int, world: int, port: int, threads: int, cfg: dict, out: str)
         clip=cfg["clip"], lr=1e-4, grad_sample_mode=cfg["mode"], noise_multiplicity=cfg["multiplicity"],
         physical_batch_size=cfg["physical_batch_size"]))
     plan = DPSGDPlan(dataset_size=n, batch_size=cfg["batch"], epochs=max(1, (cfg["steps"] + 1) // 2))
-    times: list[float] = []
     trainable = [0]
-
-    def clock(phase, step, total, loss):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter())
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
     def run() -> float:
         torch.manual_seed(0)
         generator = method.prepare_private(method.build_generator(images.shape[-1], images.shape[1], classes), opts)
-        times.clear()
         trainable[0] = sum(p.numel() for p in generator.parameters() if p.requires_grad)
+        clock = StepClock(sync)
         train_dp(generator.to(device), images, labels, method.per_sample_loss, plan=plan, noise_multiplier=1.0,
                  opts=opts, progress=clock)
-        return (times[-1] - times[0]) / (len(times) - 1)
+        return clock.per_step()
 
     per_step = min(run() for _ in range(cfg["repeats"]))
     if rank == 0:
