@@ -6,6 +6,8 @@ DPSYNTH := $(VENV)/bin/dpsynth
 # torch/torchvision pinned to the builds this workplace serves from local disk.
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 STAMP := $(VENV)/.installed
+# Test workers (pytest-xdist), one torch thread each; whole files go to one worker (module fixtures run once).
+TEST_WORKERS ?= 2
 
 .PHONY: install data demo test bench bench-small bench-leaderboard clean
 
@@ -29,7 +31,7 @@ demo: install
 	$(MAKE) --no-print-directory -f recipes/pipeline.mk DPSYNTH=$(abspath $(DPSYNTH)) RECIPE=recipes/demo.yaml
 
 test: install
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q tests -n $(TEST_WORKERS) --dist loadfile
 
 bench: install
 	$(PY) benchmarks/dp_step.py

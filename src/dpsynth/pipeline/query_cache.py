@@ -27,14 +27,15 @@ def query_net_for(public: ImageSet, *, seed: int = 0, epochs: int = QUERY_EPOCHS
     path = cache_dir() / f"querynet-{key}.pt"
     net = QueryNet(channels=c, num_classes=public.num_classes, resolution=r)
     if path.is_file():
-        state = torch_load_bytes(path.read_bytes())
-        net.load_state_dict(state["state_dict"])
+        data = path.read_bytes()
+        net.load_state_dict(torch_load_bytes(data)["state_dict"])
     else:
         train_query_net(net, public.images, public.labels, epochs=epochs, seed=seed,
                         progress=lambda d, t, _loss: progress("train query net (public)", d, t))
-        atomic_write_bytes(path, torch_bytes({"state_dict": net.state_dict(), "config": net.config,
-                                              "public": content_digest(public)}))
+        data = torch_bytes({"state_dict": net.state_dict(), "config": net.config, "public": content_digest(public)})
+        atomic_write_bytes(path, data)
     net.eval()
-    weights = hashlib.sha256(path.read_bytes()).hexdigest()[:12]
+    # The hash of the weights this process holds, not of the file: another process may replace it meanwhile.
+    weights = hashlib.sha256(data).hexdigest()[:12]
     identity = f"querynet({public.name},{r}px,{c}ch):sha256:{weights}"
     return net, identity
