@@ -9,14 +9,15 @@ from .common import (ArchOpt, DeltaOpt, DeviceOpt, JsonOpt, MethodOpt, QuietOpt,
                      progress_bars)
 
 _DEFAULT = " Default: the method's."
+_SMALL_N = " DP-SGD methods on fewer than 60,000 images: the default is adapted to N (see option_notes)."
 
 
 @creates_runs()
 def command(
     eps: float = typer.Option(..., "--eps", help="Target epsilon for the WHOLE run (all stages)."),
-    epochs: Optional[int] = typer.Option(None, "--epochs", help="Passes over the sensitive set." + _DEFAULT),
+    epochs: Optional[int] = typer.Option(None, "--epochs", help="Passes over the sensitive set." + _DEFAULT + _SMALL_N),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Expected (Poisson) logical batch size."
-                                             + _DEFAULT),
+                                             + _DEFAULT + _SMALL_N),
     clip: Optional[float] = typer.Option(None, "--clip", help="Per-example gradient clipping norm." + _DEFAULT),
     lr: Optional[float] = typer.Option(None, "--lr", help="Learning rate." + _DEFAULT),
     grad_sample_mode: Optional[str] = typer.Option(None, "--grad-sample-mode",

@@ -56,6 +56,9 @@ class Method:
         "noise_multiplicity": 1, "physical_batch_size": None, "ema": None, "private_optimizer": "dpsgd",
         "feedback_clip": None, "train_opts": {}}
     own_mechanism: ClassVar[bool] = False  # True: plan_private/train_private replace DP-SGD on the loss
+    # True: batch_size and epochs make a DP-SGD schedule (privacy.plans.DPSGDPlan), so `finetune`
+    # adapts the defaults of the two to a small declared N (training.options.adapt_to_size).
+    adapts_to_size: ClassVar[bool] = True
     iterative: ClassVar[bool] = True  # False: one release, nothing to checkpoint or resume
     # True: `finetune` sets `self.feature_network` (the run's named feature network, the one
     # `evaluate` uses: Inception-v3 when its weights are on disk, else the public-only query net)

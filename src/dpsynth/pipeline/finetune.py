@@ -3,7 +3,9 @@ that the WHOLE run fits `eps`.
 
 One flow for every method (DP-SGD is the base `Method`'s plan and trainer; GANs and mean
 embeddings override them):
-1. the options are resolved once against the method's defaults (`training.options`);
+1. the options are resolved against the method's defaults (`training.options`): once before
+   any data is read (so a bad option is refused first), and again with the declared N once the
+   run is open, so that defaults the user did not set are adapted to a small N before planning;
 2. `method.plan_private` calibrates the ledger events and settings, before anything is
    written (an over-budget request changes nothing on disk); on `resume` the plan is
    rebuilt from the interrupted attempt's recorded settings and its recorded events;
@@ -117,6 +119,8 @@ def _run_finetune(run_path, settings, *, eps, options, delta, method, arch, devi
     opts = resolve_options(method_obj, FinetuneOptions.from_record(recorded) if resume else options)
 
     run, sensitive = open_or_create_run(run_path, method=method, settings=settings, delta=delta)
+    if not resume:  # N is public (declared); the plan below is calibrated on these final options
+        opts = resolve_options(method_obj, options, dataset_size=declared_size(run))
     spent = run.events()
     if resume:  # no new event: the ones written before the first step cover all planned steps
         events = checkpoints.resumable_events(run, STAGE, recorded)
@@ -155,6 +159,8 @@ def _run_finetune(run_path, settings, *, eps, options, delta, method, arch, devi
               "generator": generator.cfg.to_dict()}
     if opts.notes:
         config["option_notes"] = list(opts.notes)
+    if opts.adapted:
+        config["adapted_to_size"] = _adapted(opts, declared_size(run))
     if processes > 1:
         config["processes"] = processes
     if method_obj.uses_feature_network:
@@ -190,7 +196,15 @@ def _run_finetune(run_path, settings, *, eps, options, delta, method, arch, devi
         result["private_optimizer"] = opts.private_optimizer
     if opts.notes:
         result["option_notes"] = list(opts.notes)
+    if opts.adapted:
+        result["adapted_to_size"] = _adapted(opts, declared_size(run))
     return result
+
+
+def _adapted(opts: FinetuneOptions, dataset_size: int) -> dict:
+    """{dataset_size, option: {default, used}} of the defaults adapted to N (the used values are
+    also the recorded options themselves)."""
+    return {"dataset_size": dataset_size, **{k: {"default": old, "used": new} for k, old, new in opts.adapted}}
 
 
 def _scalars(settings: dict) -> dict:

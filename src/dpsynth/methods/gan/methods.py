@@ -35,6 +35,7 @@ def _positive(name: str, value: Any, integer: bool = False, zero_ok: bool = Fals
 class GANMethod(Method):
     config_class, model_class = GANConfig, ConditionalGenerator
     own_mechanism = True
+    adapts_to_size = False  # GS-WGAN's batch is per discriminator shard; DP-GAN's schedule is DP-SGD's
     pretrain_defaults = {"epochs": 1, "batch_size": 64, "lr": 2e-4}
 
     def per_sample_loss(self, *_args):  # never DP-SGD on a generator loss
@@ -52,6 +53,7 @@ class DPGAN(GANMethod):
     noise) and a CPU-sized batch/epochs; recipes set the published 4096 x 150 epochs."""
 
     name = "dp-gan"
+    adapts_to_size = True  # the discriminator's DP-SGD schedule (DPGANSchedule.dpsgd)
     description = "DP-GAN: DP-SGD on a conditional discriminator, generator trained through it"
     finetune_defaults = {"epochs": 1, "batch_size": 256, "clip": 1.0, "lr": 5e-4, "grad_sample_mode": "vmap",
                          "ema": 0.999, "private_optimizer": "dpsgd", "feedback_clip": None,

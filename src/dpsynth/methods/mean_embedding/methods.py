@@ -69,6 +69,9 @@ class MeanEmbeddingMethod(Method):
     """Base: settings checks, the generator and its training step."""
 
     own_mechanism: ClassVar[bool] = True
+    # dp-merf/dp-ntk: batch_size and epochs only shape the generator's fit to one release over all
+    # N; dp-kernel counts its own iterations. Neither is a DP-SGD schedule: defaults left as they are.
+    adapts_to_size: ClassVar[bool] = False
     config_class, model_class = EmbeddingGeneratorConfig, EmbeddingGenerator
     # Generator training only: no DP-SGD option (clip, grad_sample_mode, ...) exists here.
     finetune_defaults: ClassVar[dict[str, Any]] = {"epochs": 5, "batch_size": 100, "lr": 1e-2, "train_opts": {}}

@@ -71,6 +71,7 @@ class PrivateEvolution(Method):
     uses_pretraining = True          # the default API: dpsynth's EDM, pretrained on the public set
     uses_feature_network = True      # the finetune stage hands it the run's named feature network
     own_mechanism = True
+    adapts_to_size = False  # no batch_size or epochs: its population is public-sized
     config_class, model_class = EDMConfig, EDMDiffusion  # what `pretrain` trains (the default API)
     pretrain_defaults = {"epochs": 25, "batch_size": 64, "lr": 3e-4}
     # CPU-sized defaults (DPImageBench: 6,000 per class, lookahead 8); recipes/pe/ has its settings.
