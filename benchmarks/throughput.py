@@ -10,7 +10,7 @@ The images are real ones of the recipe's sensitive set when it is on disk, else 
 of its shape (the time does not depend on their content).
 
     python benchmarks/throughput.py --recipe recipes/dpdm/fashionmnist.yaml --steps 3   # published setting
-    python benchmarks/throughput.py --recipe recipes/demo.yaml --processes 1,2 --cores 2 [--json]
+    python benchmarks/throughput.py --recipe recipes/privimage-cvae/fashionmnist-small.yaml --processes 1,2 --cores 2 [--json]
     python benchmarks/throughput.py --recipe R --batch 256 --multiplicity 4     # a lighter variant
 
 On this 2-core CPU the published diffusion settings (batch 4096, K = 32) take minutes per step;
@@ -130,7 +130,7 @@ def measure(processes: int, cores: int, cfg: dict) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--recipe", type=Path, default=Path("recipes/demo.yaml"))
+    parser.add_argument("--recipe", type=Path, default=Path("recipes/privimage-cvae/fashionmnist-small.yaml"))
     parser.add_argument("--processes", default="1", help="comma-separated process counts, e.g. 1,2")
     parser.add_argument("--cores", type=int, default=os.cpu_count() or 1, help="CPU threads shared out among processes")
     parser.add_argument("--device", default="auto", help="auto (the GPU when present), cpu or cuda")

@@ -20,11 +20,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from ..validation import check_fraction
-from ..methods.mean_embedding.features import FeatureMap
+
+if TYPE_CHECKING:  # annotations only: importing the methods package here would be circular
+    from ..methods.mean_embedding.features import FeatureMap
 
 MARGIN = 1.0 - 1e-6
 

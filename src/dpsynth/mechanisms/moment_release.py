@@ -1,0 +1,102 @@
+"""Noisy per-cell moments: the one mechanism of dp-gmm (methods/dp_gmm.py).
+
+Every sensitive row x (a flattened image, clipped here to ||x|| <= bound) belongs to exactly one
+cell (a class, or a (class, component) pair chosen by a rule that depends only on x, its label and
+earlier releases). A release is the sum over rows of the cell-block vector
+    v(x) = [ a vec(x x^T) / bound^2 ,  b x / bound ,  c ]   placed in the row's cell's block
+(first-moment releases drop the first part), with a^2 + b^2 + c^2 <= 1. Since ||vec(x x^T)|| =
+||x||^2 <= bound^2, ||v(x)|| <= 1: adding or removing one row moves the whole release (all cells
+together) by at most 1 in L2, so adding N(0, sigma^2) to every coordinate is ONE Gaussian mechanism
+of noise multiplier sigma (one GaussianEvent), however many cells there are. Empty cells release
+pure noise, as the accounted mechanism must. The full D x D second-moment block is released (the
+symmetrisation afterwards is post-processing).
+
+The blocks' noises are independent, so a second-moment release is produced one cell at a time
+(`second_moments` yields them): 80 cells of 784 x 784 never sit in memory together.
+Noise comes from the global RNG, which the finetune stage reseeds from OS entropy.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+
+from .embedding_release import MARGIN
+
+# Shares of the unit sensitivity: second moments carry most of the signal that noise would drown.
+SECOND, FIRST = 0.8 * MARGIN, 0.55 * MARGIN
+COUNT = math.sqrt(1.0 - 0.8 ** 2 - 0.55 ** 2) * MARGIN
+# First-moment releases (no second moments): the sums, and the counts that divide them.
+FIRST_ONLY, COUNT_ONLY = 0.95 * MARGIN, math.sqrt(1.0 - 0.95 ** 2) * MARGIN
+
+
+def clip_rows(rows: torch.Tensor, bound: float) -> torch.Tensor:
+    """Each row scaled down to L2 norm <= bound (rows already inside are unchanged)."""
+    if not (math.isfinite(bound) and bound > 0):
+        raise AssertionError(f"clip bound {bound!r} must be > 0")
+    norms = rows.norm(dim=1, keepdim=True)
+    return rows * (bound / norms.clamp(min=bound))
+
+
+def _check(rows: torch.Tensor, cells: torch.Tensor, num_cells: int, noise_multiplier: float) -> None:
+    if rows.dim() != 2 or cells.shape != (len(rows),):
+        raise AssertionError(f"rows {tuple(rows.shape)} and cells {tuple(cells.shape)} must be (n, D) and (n,)")
+    if len(cells) and not (0 <= int(cells.min()) and int(cells.max()) < num_cells):
+        raise AssertionError(f"cell indices must lie in [0, {num_cells})")
+    if not (math.isfinite(noise_multiplier) and noise_multiplier > 0):
+        raise AssertionError(f"noise multiplier {noise_multiplier!r} must be > 0")
+
+
+def _noise(shape, noise_multiplier: float, like: torch.Tensor) -> torch.Tensor:
+    return noise_multiplier * torch.randn(shape, dtype=torch.float64, device=like.device)
+
+
+@dataclass(frozen=True)
+class FirstMoments:
+    """Noisy estimates, rescaled (post-processing): `sums` of x per cell (cells, D), `counts` (cells,)."""
+
+    sums: torch.Tensor
+    counts: torch.Tensor
+
+
+@dataclass(frozen=True)
+class CellMoments:
+    """One cell of a second-moment release, rescaled: estimates of sum x x^T (D, D, symmetrised),
+    sum x (D,) and the count."""
+
+    cell: int
+    second: torch.Tensor
+    first: torch.Tensor
+    count: float
+
+
+def first_moments(rows: torch.Tensor, cells: torch.Tensor, num_cells: int, *, bound: float,
+                  noise_multiplier: float) -> FirstMoments:
+    """One Gaussian release of every cell's [b x / bound, c] sum."""
+    _check(rows, cells, num_cells, noise_multiplier)
+    x = clip_rows(rows.double(), bound)
+    sums = torch.zeros(num_cells, x.shape[1], dtype=torch.float64, device=x.device).index_add_(0, cells, x)
+    counts = torch.bincount(cells, minlength=num_cells).double()
+    noisy_sums = FIRST_ONLY * sums / bound + _noise(sums.shape, noise_multiplier, sums)
+    noisy_counts = COUNT_ONLY * counts + _noise(counts.shape, noise_multiplier, counts)
+    return FirstMoments(sums=noisy_sums * bound / FIRST_ONLY, counts=noisy_counts / COUNT_ONLY)
+
+
+def second_moments(rows: torch.Tensor, cells: torch.Tensor, num_cells: int, *, bound: float,
+                   noise_multiplier: float) -> Iterator[CellMoments]:
+    """One Gaussian release of every cell's [a vec(x x^T) / bound^2, b x / bound, c] sum, one cell at
+    a time (cell 0 first; every cell is released, empty or not)."""
+    _check(rows, cells, num_cells, noise_multiplier)
+    x = clip_rows(rows.double(), bound)
+    for cell in range(num_cells):
+        mine = x[cells == cell]
+        d = x.shape[1]
+        second = SECOND * (mine.t() @ mine) / bound ** 2 + _noise((d, d), noise_multiplier, x)
+        first = FIRST * mine.sum(0) / bound + _noise((d,), noise_multiplier, x)
+        count = COUNT * len(mine) + float(_noise((), noise_multiplier, x))
+        second = second * bound ** 2 / SECOND
+        yield CellMoments(cell=cell, second=(second + second.t()) / 2, first=first * bound / FIRST,
+                          count=count / COUNT)
