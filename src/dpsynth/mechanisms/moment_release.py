@@ -24,7 +24,7 @@ from typing import Iterator
 
 import torch
 
-from .embedding_release import MARGIN
+from .embedding_release import MARGIN, gaussian_release
 
 # Shares of the unit sensitivity: second moments carry most of the signal that noise would drown.
 SECOND, FIRST = 0.8 * MARGIN, 0.55 * MARGIN
@@ -41,17 +41,11 @@ def clip_rows(rows: torch.Tensor, bound: float) -> torch.Tensor:
     return rows * (bound / norms.clamp(min=bound))
 
 
-def _check(rows: torch.Tensor, cells: torch.Tensor, num_cells: int, noise_multiplier: float) -> None:
+def _check(rows: torch.Tensor, cells: torch.Tensor, num_cells: int) -> None:
     if rows.dim() != 2 or cells.shape != (len(rows),):
         raise AssertionError(f"rows {tuple(rows.shape)} and cells {tuple(cells.shape)} must be (n, D) and (n,)")
     if len(cells) and not (0 <= int(cells.min()) and int(cells.max()) < num_cells):
         raise AssertionError(f"cell indices must lie in [0, {num_cells})")
-    if not (math.isfinite(noise_multiplier) and noise_multiplier > 0):
-        raise AssertionError(f"noise multiplier {noise_multiplier!r} must be > 0")
-
-
-def _noise(shape, noise_multiplier: float, like: torch.Tensor) -> torch.Tensor:
-    return noise_multiplier * torch.randn(shape, dtype=torch.float64, device=like.device)
 
 
 @dataclass(frozen=True)
@@ -76,12 +70,12 @@ class CellMoments:
 def first_moments(rows: torch.Tensor, cells: torch.Tensor, num_cells: int, *, bound: float,
                   noise_multiplier: float) -> FirstMoments:
     """One Gaussian release of every cell's [b x / bound, c] sum."""
-    _check(rows, cells, num_cells, noise_multiplier)
+    _check(rows, cells, num_cells)
     x = clip_rows(rows.double(), bound)
     sums = torch.zeros(num_cells, x.shape[1], dtype=torch.float64, device=x.device).index_add_(0, cells, x)
     counts = torch.bincount(cells, minlength=num_cells).double()
-    noisy_sums = FIRST_ONLY * sums / bound + _noise(sums.shape, noise_multiplier, sums)
-    noisy_counts = COUNT_ONLY * counts + _noise(counts.shape, noise_multiplier, counts)
+    noisy_sums = gaussian_release(FIRST_ONLY * sums / bound, noise_multiplier)
+    noisy_counts = gaussian_release(COUNT_ONLY * counts, noise_multiplier)
     return FirstMoments(sums=noisy_sums * bound / FIRST_ONLY, counts=noisy_counts / COUNT_ONLY)
 
 
@@ -89,14 +83,12 @@ def second_moments(rows: torch.Tensor, cells: torch.Tensor, num_cells: int, *, b
                    noise_multiplier: float) -> Iterator[CellMoments]:
     """One Gaussian release of every cell's [a vec(x x^T) / bound^2, b x / bound, c] sum, one cell at
     a time (cell 0 first; every cell is released, empty or not)."""
-    _check(rows, cells, num_cells, noise_multiplier)
+    _check(rows, cells, num_cells)
     x = clip_rows(rows.double(), bound)
     for cell in range(num_cells):
         mine = x[cells == cell]
-        d = x.shape[1]
-        second = SECOND * (mine.t() @ mine) / bound ** 2 + _noise((d, d), noise_multiplier, x)
-        first = FIRST * mine.sum(0) / bound + _noise((d,), noise_multiplier, x)
-        count = COUNT * len(mine) + float(_noise((), noise_multiplier, x))
-        second = second * bound ** 2 / SECOND
-        yield CellMoments(cell=cell, second=(second + second.t()) / 2, first=first * bound / FIRST,
-                          count=count / COUNT)
+        second = gaussian_release(SECOND * (mine.t() @ mine) / bound ** 2, noise_multiplier) * bound ** 2 / SECOND
+        first = gaussian_release(FIRST * mine.sum(0) / bound, noise_multiplier) * bound / FIRST
+        count = gaussian_release(torch.tensor(COUNT * len(mine), dtype=torch.float64, device=x.device),
+                                 noise_multiplier) / COUNT
+        yield CellMoments(cell=cell, second=(second + second.t()) / 2, first=first, count=float(count))
