@@ -6,6 +6,7 @@ order option, and the five stages through the CLI."""
 from __future__ import annotations
 
 import functools
+import json
 import math
 from pathlib import Path
 
@@ -198,3 +199,87 @@ def test_every_feta_pro_recipe_passes_the_warmup_checks(path):
     assert options["warmup_order"] == "time_freq"
     assert recipe["finetune"]["eps"] in (1, 10) and pre["central-queries"] == 5 and pre["central-batch"] == 6000
     assert ("-eps1" in path.name) == (recipe["finetune"]["eps"] == 1)
+
+
+# ---- aux kind=gmm: dp-gmm's mixture as the auxiliary generator (dpsynth's variant) --------------------------
+
+GMM_AUX = {"kind": "gmm", "components": 2, "rank": 3, "lloyd_iterations": 3, "images": 100}
+
+
+def test_gmm_auxiliary_releases_cost_what_one_release_of_freq_sigma_costs():
+    """2 + lloyd_iterations Gaussian releases of sigma*sqrt(k) each: by prv-accountant, the same
+    epsilon as one release of sigma (Gaussians compose exactly: sqrt(k)/sigma_each = 1/sigma)."""
+    method = get_method("feta-pro")
+    plan = _warmup(method, aux_opts=GMM_AUX)
+    central, *gmm = plan.events
+    assert central.mechanism == "poisson_gaussian" and len(gmm) == 5
+    assert all(e.mechanism == "gaussian" and e.steps == 1 for e in gmm)
+    assert all(e.noise_multiplier == pytest.approx(7.4 * math.sqrt(5)) for e in gmm)
+    assert plan.settings["aux_opts"]["kind"] == "gmm" and plan.settings["gmm_releases"] == 5
+    one_release = PRVAccountant(prvs=[PoissonSubsampledGaussianMechanism(central.sample_rate, 5.0),
+                                      GaussianMechanism(7.4)], max_self_compositions=[5, 1], eps_error=0.01,
+                                delta_error=DELTA / 1000)
+    _, single_estimate, single_upper = one_release.compute_epsilon(DELTA, [5, 1])
+    estimate, upper = _independent(plan.events)
+    assert abs(estimate - single_estimate) < 0.03 and upper <= single_upper + 0.03
+    reported = compose_epsilon(plan.events, DELTA).upper
+    assert estimate - 1e-6 <= reported <= upper + 0.02
+    # No lloyd steps: two releases, each sigma*sqrt(2).
+    (_, *two) = _warmup(method, aux_opts={**GMM_AUX, "lloyd_iterations": 0}).events
+    assert [e.noise_multiplier for e in two] == [pytest.approx(7.4 * math.sqrt(2))] * 2
+
+
+def test_aux_kind_and_its_keys_are_checked():
+    method = get_method("feta-pro")
+    with pytest.raises(BadInput, match="kind: 'pca'.*rff, gmm"):
+        _warmup(method, aux_opts={"kind": "pca"})
+    with pytest.raises(BadInput, match="'features'.*gmm.*components"):  # an rff key with kind=gmm
+        _warmup(method, aux_opts={"kind": "gmm", "features": 100})
+    with pytest.raises(BadInput, match="'components'.*rff"):  # and the other way round
+        _warmup(method, aux_opts={"components": 4})
+    with pytest.raises(BadInput, match="lloyd_iterations=-1"):
+        _warmup(method, aux_opts={"kind": "gmm", "lloyd_iterations": -1})
+    with pytest.raises(BadInput, match="centred_clip=1.5"):
+        _warmup(method, aux_opts={"kind": "gmm", "centred_clip": 1.5})
+    with pytest.raises(BadInput, match="rank: 0"):
+        _warmup(method, aux_opts={"kind": "gmm", "rank": 0})
+    assert _warmup(method).settings["aux_opts"]["kind"] == "rff"  # the authors' release stays the default
+
+
+GMM_PRETRAIN = [*PRETRAIN[:PRETRAIN.index("--aux-opts")], "--aux-opts",
+                "kind=gmm,components=2,rank=3,lloyd_iterations=1,images=100", "--quiet"]
+
+
+def test_gmm_auxiliary_events_are_on_disk_before_its_releases_run(tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    seen = {}
+
+    def fit_then_fail(*args, **kwargs):
+        seen["events"] = [e["mechanism"] for e in yaml.safe_load((run / "manifest.yaml").read_text())["privacy"]["events"]]
+        raise RuntimeError("injected after the events, before the releases")
+
+    monkeypatch.setattr(feta_pro, "fit_mixture", fit_then_fail)
+    with pytest.raises(RuntimeError, match="injected"):
+        main(["pretrain", "--run", str(run), *TINY, *GMM_PRETRAIN])
+    assert seen["events"] == ["poisson_gaussian", "gaussian", "gaussian", "gaussian"]
+    assert not (run / "auxiliary.pt").exists()
+
+
+def test_five_stages_with_the_gmm_auxiliary(tmp_path, capsys):
+    run = str(tmp_path / "run")
+    assert main(["pretrain", "--run", run, *TINY, *GMM_PRETRAIN, "--json"]) == 0
+    sets = json.loads(capsys.readouterr().out)["warmup_sets"]
+    assert [(s["name"], s["images"]) for s in sets] == [("central images", 50), ("auxiliary images", 100)]
+    assert main(["finetune", "--run", run, "--eps", "8", "--epochs", "1", "--batch-size", "100",
+                 "--physical-batch-size", "50", "--quiet"]) == 0
+    assert main(["generate", "--run", run, "--n", "60", "--steps", "2", "--quiet"]) == 0
+    capsys.readouterr()
+    manifest = yaml.safe_load((tmp_path / "run" / "manifest.yaml").read_text())
+    events = manifest["privacy"]["events"]
+    assert [e["mechanism"] for e in events] == ["poisson_gaussian", "gaussian", "gaussian", "gaussian",
+                                                "poisson_gaussian"]
+    assert [e["noise_multiplier"] for e in events[1:4]] == [pytest.approx(7.4 * math.sqrt(3))] * 3
+    estimate, upper = _independent(events, manifest["privacy"]["delta"])
+    assert estimate - 1e-6 <= manifest["privacy"]["epsilon"] <= upper + 0.02 and manifest["privacy"]["epsilon"] <= 8
+    saved = torch.load(tmp_path / "run" / "auxiliary.pt", weights_only=True)
+    assert saved["config"]["components"] == 2 and saved["config"]["rank"] == 3

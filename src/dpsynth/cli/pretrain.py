@@ -20,7 +20,8 @@ def command(
     central_batch: int = typer.Option(6000, "--central-batch", help="DP-FETA: expected Poisson batch per query."),
     augment: bool = typer.Option(True, "--augment/--no-augment", help="DP-FETA: RandAugment during the warm-up."),
     freq_sigma: Optional[float] = typer.Option(None, "--freq-sigma", help="FETA-Pro: noise multiplier of the one "
-                                                                          "random-Fourier-feature release (default 7.4)."),
+                                                                          "random-Fourier-feature release (default 7.4); "
+                                                                          "with aux kind=gmm, of its releases together."),
     warmup_order: Optional[str] = typer.Option(None, "--warmup-order", help="FETA-Pro: time_freq (central images, "
                                                "then auxiliary images; default), freq_time, mix (one joint set), "
                                                "time or freq (one release only)."),
@@ -29,8 +30,10 @@ def command(
     freq_batch_size: Optional[int] = typer.Option(None, "--freq-batch-size", help="FETA-Pro: their batch size "
                                                                                   "(default 256)."),
     aux_opts: Optional[str] = typer.Option(None, "--aux-opts", help="FETA-Pro: the auxiliary generator and its "
-                                           "release, k=v,... or JSON (features, bandwidth, count_weight, epochs, "
-                                           "batch_size, lr, lr_decay, images, latent_dim, hidden, width)."),
+                                           "release, k=v,... or JSON: kind=rff (default: features, bandwidth, "
+                                           "count_weight, epochs, batch_size, lr, lr_decay, images, latent_dim, hidden, "
+                                           "width) or kind=gmm (dp-gmm's mixture: components, rank, lloyd_iterations, "
+                                           "clip, centred_clip, images)."),
     train_opts: Optional[str] = typer.Option(None, "--train-opts", help="Method-specific pretraining settings as "
                                              "JSON or k=v pairs (e.g. DP-LDM's ae_epochs=4); see `dpsynth methods`."),
     arch: Optional[str] = ArchOpt, device: str = DeviceOpt,

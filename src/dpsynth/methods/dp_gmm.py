@@ -40,10 +40,18 @@ STAGE = "finetune"
 SENSITIVITY = "L2 sensitivity 1: each image adds one cell's (a vec(xx^T)/B^2, b x/B, c) or (b x/B, c), norm <= 1"
 
 
-def _fraction(name: str, value: Any) -> float:
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value <= 1:
-        raise BadInput(f"`train_opts` {name}={value!r} must be a number in (0, 1] (a share of sqrt(pixels))")
-    return float(value)
+def checked_fit_settings(given: dict, where: str = "`train_opts`") -> dict:
+    """`lloyd_iterations`, `clip` and `centred_clip` of `given`, checked; errors name `where`."""
+    t = dict(given)
+    lloyd = t["lloyd_iterations"]
+    if not isinstance(lloyd, int) or isinstance(lloyd, bool) or lloyd < 0:
+        raise BadInput(f"{where} lloyd_iterations={lloyd!r} must be an integer >= 0")
+    for name in ("clip", "centred_clip"):
+        value = t[name]
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value <= 1:
+            raise BadInput(f"{where} {name}={value!r} must be a number in (0, 1] (a share of sqrt(pixels))")
+        t[name] = float(value)
+    return t
 
 
 class DPGMM(Method):
@@ -59,12 +67,7 @@ class DPGMM(Method):
         "lloyd_iterations": 3, "clip": 0.5, "centred_clip": 0.32}}
 
     def settings(self, opts) -> dict:
-        t = dict(opts.train_opts)
-        lloyd = t["lloyd_iterations"]
-        if not isinstance(lloyd, int) or isinstance(lloyd, bool) or lloyd < 0:
-            raise BadInput(f"`train_opts` lloyd_iterations={lloyd!r} must be an integer >= 0")
-        t["clip"], t["centred_clip"] = _fraction("clip", t["clip"]), _fraction("centred_clip", t["centred_clip"])
-        return t
+        return checked_fit_settings(opts.train_opts)
 
     def check_generator(self, generator, **_shape_and_opts) -> None:
         return None  # a set of buffers filled from the releases: it never sees sensitive data
@@ -73,8 +76,7 @@ class DPGMM(Method):
         t = self.settings(opts)
         if dataset_size < 1:
             raise BadInput(f"sensitive dataset is empty (size {dataset_size})")
-        names = (["class moments"] + [f"Lloyd step {i + 1} of {t['lloyd_iterations']}"
-                                      for i in range(t["lloyd_iterations"])] + ["component moments"])
+        names = release_names(t["lloyd_iterations"])
 
         def events_at(sigma: float) -> list:
             return [GaussianEvent(stage=STAGE, noise_multiplier=sigma, note=f"dp-gmm: {what}; {SENSITIVITY}")
@@ -92,50 +94,65 @@ class DPGMM(Method):
         t, s = self.settings(opts), plan.settings
         if t["lloyd_iterations"] != s["lloyd_iterations"]:
             raise RuntimeError("dp-gmm settings differ from the planned events")
-        sigma, releases = s["noise_multiplier"], s["releases"]
-        k, m, r = generator.cfg.num_classes, generator.cfg.components, generator.cfg.rank
-        x = flatten_images(images).to(device).double()
-        y = labels.long().to(device)
-        bound, centred_bound = t["clip"] * math.sqrt(x.shape[1]), t["centred_clip"] * math.sqrt(x.shape[1])
-        x = clip_rows(x, bound)  # the releases clip too; assignments must see the same rows
-        phase = "finetune (dp-gmm): releases"
-
-        centroids = torch.empty(k, m, x.shape[1], dtype=torch.float64, device=device)
-        for cell in second_moments(x, y, k, bound=bound, noise_multiplier=sigma):
-            count = max(cell.count, 1.0)
-            mean = cell.first / count
-            values, vectors = torch.linalg.eigh(cell.second / count - torch.outer(mean, mean))
-            spread = torch.randn(m, r, dtype=torch.float64, device=device) * values[-r:].clamp(min=0).sqrt()
-            centroids[cell.cell] = mean + spread @ vectors[:, -r:].t()
-        progress(phase, 1, releases)
-
-        def assign() -> torch.Tensor:
-            """(class, component) cell of each row: the nearest centroid of its own class."""
-            nearest = torch.empty_like(y)
-            for label in range(k):
-                mine = y == label
-                if mine.any():
-                    nearest[mine] = torch.cdist(x[mine], centroids[label]).argmin(1)
-            return y * m + nearest
-
-        for step in range(t["lloyd_iterations"]):
-            released = first_moments(x, assign(), k * m, bound=bound, noise_multiplier=sigma)
-            flat = centroids.view(k * m, -1)
-            enough = released.counts >= 1.0
-            flat[enough] = released.sums[enough] / released.counts[enough, None]
-            progress(phase, 2 + step, releases)
-
-        cells = assign()
-        centred = clip_rows(x - centroids.view(k * m, -1)[cells], centred_bound)
-        for cell in second_moments(centred, cells, k * m, bound=centred_bound, noise_multiplier=sigma):
-            label, component = divmod(cell.cell, m)
-            count = max(cell.count, 1.0)
-            offset = cell.first / count
-            generator.set_component(label, component, weight=cell.count,
-                                    mean=centroids[label, component] + offset,
-                                    covariance=cell.second / count - torch.outer(offset, offset))
-        progress(phase, releases, releases)
+        fit_mixture(generator, images, labels, noise_multiplier=s["noise_multiplier"],
+                    lloyd_iterations=t["lloyd_iterations"], clip=t["clip"], centred_clip=t["centred_clip"],
+                    device=device, progress=progress, phase="finetune (dp-gmm): releases")
         return Trained(generator.eval())
+
+
+def release_names(lloyd_iterations: int) -> list[str]:
+    """What each of the 2 + `lloyd_iterations` releases is, in the order they run."""
+    return (["class moments"] + [f"Lloyd step {i + 1} of {lloyd_iterations}" for i in range(lloyd_iterations)]
+            + ["component moments"])
+
+
+def fit_mixture(generator: GaussianMixture, images, labels, *, noise_multiplier: float, lloyd_iterations: int,
+                clip: float, centred_clip: float, device, progress, phase: str) -> GaussianMixture:
+    """Fill `generator` from the 2 + `lloyd_iterations` Gaussian releases (module docstring), each
+    of L2 sensitivity 1 and noise multiplier `noise_multiplier`. The caller has written their
+    events (`release_names`) to the ledger; everything after each release is post-processing."""
+    sigma, releases = noise_multiplier, 2 + lloyd_iterations
+    k, m, r = generator.cfg.num_classes, generator.cfg.components, generator.cfg.rank
+    x = flatten_images(images).to(device).double()
+    y = labels.long().to(device)
+    bound, centred_bound = clip * math.sqrt(x.shape[1]), centred_clip * math.sqrt(x.shape[1])
+    x = clip_rows(x, bound)  # the releases clip too; assignments must see the same rows
+
+    centroids = torch.empty(k, m, x.shape[1], dtype=torch.float64, device=device)
+    for cell in second_moments(x, y, k, bound=bound, noise_multiplier=sigma):
+        count = max(cell.count, 1.0)
+        mean = cell.first / count
+        values, vectors = torch.linalg.eigh(cell.second / count - torch.outer(mean, mean))
+        spread = torch.randn(m, r, dtype=torch.float64, device=device) * values[-r:].clamp(min=0).sqrt()
+        centroids[cell.cell] = mean + spread @ vectors[:, -r:].t()
+    progress(phase, 1, releases)
+
+    def assign() -> torch.Tensor:
+        """(class, component) cell of each row: the nearest centroid of its own class."""
+        nearest = torch.empty_like(y)
+        for label in range(k):
+            mine = y == label
+            if mine.any():
+                nearest[mine] = torch.cdist(x[mine], centroids[label]).argmin(1)
+        return y * m + nearest
+
+    for step in range(lloyd_iterations):
+        released = first_moments(x, assign(), k * m, bound=bound, noise_multiplier=sigma)
+        flat = centroids.view(k * m, -1)
+        enough = released.counts >= 1.0
+        flat[enough] = released.sums[enough] / released.counts[enough, None]
+        progress(phase, 2 + step, releases)
+
+    cells = assign()
+    centred = clip_rows(x - centroids.view(k * m, -1)[cells], centred_bound)
+    for cell in second_moments(centred, cells, k * m, bound=centred_bound, noise_multiplier=sigma):
+        label, component = divmod(cell.cell, m)
+        count = max(cell.count, 1.0)
+        offset = cell.first / count
+        generator.set_component(label, component, weight=cell.count, mean=centroids[label, component] + offset,
+                                covariance=cell.second / count - torch.outer(offset, offset))
+    progress(phase, releases, releases)
+    return generator
 
 
 register_method(DPGMM)

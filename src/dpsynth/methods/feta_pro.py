@@ -18,6 +18,11 @@ sigma_time 5, sigma_freq 7.4, d_rff 10,000, rff_sigma 105 = bandwidth^2, generat
 batch 100 at lr 0.01 decayed 0.9 per epoch, 60,000 auxiliary images, warm-up 1000 epochs of batch
 50 on the central images then 10 of batch 256 on the auxiliary images). The auxiliary generator is
 dpsynth's small conditional generator, not the authors' BigGAN-style one.
+
+`aux_opts: {kind: gmm}` (dpsynth's variant, not the authors') replaces the RFF release by dp-gmm's
+2 + lloyd_iterations moment releases (methods/dp_gmm.py), each of noise multiplier
+freq_sigma * sqrt(2 + lloyd_iterations): Gaussian releases compose exactly (sqrt(k)/sigma_each-GDP),
+so they cost what one release of freq_sigma costs. The auxiliary images are the mixture's samples.
 """
 
 from __future__ import annotations
@@ -32,12 +37,14 @@ from ..mechanisms.embedding_release import noisy_sum
 from ..mechanisms.secret_noise import reseed_global_rng
 from ..privacy.events import GaussianEvent
 from ..progress import no_progress
+from ..models.gaussian_mixture import GaussianMixture, GaussianMixtureConfig
 from ..validation import check_choice, check_positive
 from .base import PrivatePlan
 from .diffusion import DPFETA, WarmupRelease, WarmupSet, check_within_target
 from .mean_embedding.features import RandomFourierFeatures
 from .mean_embedding.generator import EmbeddingGenerator, EmbeddingGeneratorConfig
 from .mean_embedding.methods import fit_to_release
+from .dp_gmm import SENSITIVITY as GMM_SENSITIVITY, checked_fit_settings, fit_mixture, release_names
 from .registry import register_method
 
 # Which releases each order uses and the order of the warm-up sets ("mix": one concatenated set).
@@ -50,6 +57,12 @@ AUX_DEFAULTS: dict[str, Any] = {
     "images": 60000,                                              # auxiliary warm-up images
     "latent_dim": 32, "hidden": 256, "width": 16,                 # the generator (EmbeddingGeneratorConfig)
 }
+# `aux_opts: {kind: gmm}`: dp-gmm's mixture (its recipe's settings) as the auxiliary generator.
+GMM_AUX_DEFAULTS: dict[str, Any] = {
+    "components": 8, "rank": 10, "lloyd_iterations": 3, "clip": 0.5, "centred_clip": 0.32,  # dp-gmm's fit
+    "images": 60000,                                                                        # auxiliary images
+}
+AUX_KINDS = {"rff": AUX_DEFAULTS, "gmm": GMM_AUX_DEFAULTS}
 FREQ_NOTE = ("feta-pro: frequency release, one noisy sum of labelled random-Fourier-feature embeddings over all "
              "images; L2 sensitivity 1: each image adds (a*phi(x) (x) onehot(y), b*onehot(y)), a^2+b^2<1, ||phi||=1")
 
@@ -57,7 +70,8 @@ FREQ_NOTE = ("feta-pro: frequency release, one noisy sum of labelled random-Four
 def _aux_value(key: str, value: Any) -> Any:
     """One `aux_opts` setting, checked. The message says "key epochs: 0", not "epochs=0", which
     the CLI would read as pretrain's own --epochs."""
-    integer = key in ("features", "epochs", "batch_size", "images", "latent_dim", "hidden", "width")
+    integer = key in ("features", "epochs", "batch_size", "images", "latent_dim", "hidden", "width", "components",
+                      "rank")
     kind = "an integer" if integer else "a number"
     ok = (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
           and (not integer or isinstance(value, int)))
@@ -89,11 +103,20 @@ class FETAPro(DPFETA):
         check_positive("freq_epochs", o["freq_epochs"], integer=True)
         check_positive("freq_batch_size", o["freq_batch_size"], integer=True)
         aux = dict(given.get("aux_opts") or {})
-        unknown = sorted(set(aux) - set(AUX_DEFAULTS))
+        kind = aux.pop("kind", "rff")
+        if kind not in AUX_KINDS:
+            raise BadInput(f"`aux_opts` key kind: {kind!r} is not allowed; it must be one of {', '.join(AUX_KINDS)}")
+        defaults = AUX_KINDS[kind]
+        unknown = sorted(set(aux) - set(defaults))
         if unknown:
-            raise BadInput(f"`aux_opts` key {unknown[0]!r} is not a setting of feta-pro's auxiliary generator; "
-                           f"allowed: {', '.join(AUX_DEFAULTS)}")
-        o["aux_opts"] = {k: _aux_value(k, aux.get(k, v)) for k, v in AUX_DEFAULTS.items()}
+            raise BadInput(f"`aux_opts` key {unknown[0]!r} is not a setting of feta-pro's {kind} auxiliary generator; "
+                           f"allowed: kind, {', '.join(defaults)}")
+        if kind == "gmm":  # dp-gmm's own checks (lloyd_iterations may be 0; clips are shares of sqrt(D))
+            merged = checked_fit_settings({**defaults, **aux}, "`aux_opts`")
+            o["aux_opts"] = {"kind": kind, **{k: merged[k] if k in ("lloyd_iterations", "clip", "centred_clip")
+                                              else _aux_value(k, merged[k]) for k in defaults}}
+        else:
+            o["aux_opts"] = {"kind": kind, **{k: _aux_value(k, aux.get(k, v)) for k, v in defaults.items()}}
         return o
 
     def plan_warmup(self, *, dataset_size: int, sigma: float, queries: int, batch: int, spent: list,
@@ -116,9 +139,17 @@ class FETAPro(DPFETA):
                             central_sample_rate=central.sample_rate, central_epochs=int(epochs),
                             central_batch_size=int(batch_size), augment=bool(augment))
         if "auxiliary" in uses:
-            events.append(GaussianEvent(stage="pretrain", noise_multiplier=float(o["freq_sigma"]), note=FREQ_NOTE))
             settings.update(freq_sigma=float(o["freq_sigma"]), freq_epochs=o["freq_epochs"],
                             freq_batch_size=o["freq_batch_size"], aux_opts=o["aux_opts"], l2_sensitivity=1.0)
+            if o["aux_opts"]["kind"] == "gmm":
+                names = release_names(o["aux_opts"]["lloyd_iterations"])
+                each = float(o["freq_sigma"]) * math.sqrt(len(names))  # k of them compose to one of freq_sigma
+                events.extend(GaussianEvent(stage="pretrain", noise_multiplier=each,
+                                            note=f"feta-pro: auxiliary dp-gmm {what}; {GMM_SENSITIVITY}")
+                              for what in names)
+                settings.update(gmm_release_sigma=each, gmm_releases=len(names))
+            else:
+                events.append(GaussianEvent(stage="pretrain", noise_multiplier=float(o["freq_sigma"]), note=FREQ_NOTE))
         check_within_target(spent, events, delta, target,
                             f"feta-pro's warm-up releases (central_sigma={sigma:g}, freq_sigma={o['freq_sigma']:g})",
                             {**({"central_sigma": float(sigma)} if "central" in uses else {}),
@@ -132,6 +163,10 @@ class FETAPro(DPFETA):
         s = plan.settings
         device = device or torch.device("cpu")
         central = self.release_central(images, labels, num_classes, plan=plan) if "central_sigma" in s else None
+        if "freq_sigma" in s and s["aux_opts"]["kind"] == "gmm":
+            auxiliary, mixture = self._gmm_auxiliary(images, labels, num_classes, s, device, progress)
+            return WarmupRelease(sets=self._ordered_sets(s, central, auxiliary), central=central,
+                                 auxiliary=mixture.cpu())
         release = None
         if "freq_sigma" in s:
             aux = s["aux_opts"]
@@ -166,6 +201,25 @@ class FETAPro(DPFETA):
             auxiliary = (torch.cat(chunks).cpu(), aux_labels)
         return WarmupRelease(sets=self._ordered_sets(s, central, auxiliary), central=central,
                              auxiliary=None if generator is None else generator.cpu())
+
+    @staticmethod
+    def _gmm_auxiliary(images, labels, num_classes: int, s: dict, device, progress):
+        """dp-gmm's releases (in the ledger already), then its samples as the auxiliary set."""
+        aux = s["aux_opts"]
+        reseed_global_rng()  # the centroid draws and the releases' noise: fresh OS entropy, as the stage's
+        _, c, h, w = images.shape
+        if h != w:
+            raise BadInput(f"feta-pro's gmm auxiliary needs square images, not {h}x{w}")
+        mixture = GaussianMixture(GaussianMixtureConfig(resolution=h, channels=c, num_classes=num_classes,
+                                                        components=aux["components"], rank=aux["rank"]))
+        fit_mixture(mixture.to(device), images, labels, noise_multiplier=s["gmm_release_sigma"],
+                    lloyd_iterations=aux["lloyd_iterations"], clip=aux["clip"], centred_clip=aux["centred_clip"],
+                    device=device, progress=progress, phase="warm-up: auxiliary dp-gmm releases")
+        # ---- post-processing only from here on -------------------------------------------------
+        aux_labels = torch.arange(aux["images"]) % num_classes  # class-balanced, as generate makes them
+        rng = torch.Generator().manual_seed(0)
+        chunks = [mixture.sample(aux_labels[i:i + 1000], generator=rng) for i in range(0, len(aux_labels), 1000)]
+        return (torch.cat(chunks).cpu(), aux_labels), mixture
 
     @staticmethod
     def _ordered_sets(s: dict, central, auxiliary) -> tuple[WarmupSet, ...]:
