@@ -32,7 +32,7 @@ def spawn(world: int, out: Path, configs: list[dict]) -> None:
 
 def _entry(rank: int, world: int, port: int, out: str, configs: list[dict]) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
-                      WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world), DPSYNTH_DIST_TIMEOUT="60")
+                      WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world), DPSYNTH_DIST_TIMEOUT="600")
     torch.set_num_threads(1)
     from dpsynth.training import distributed
 
@@ -40,8 +40,10 @@ def _entry(rank: int, world: int, port: int, out: str, configs: list[dict]) -> N
     try:
         for config in configs:
             torch.save(run_config(config), Path(out) / f"{config['name']}-rank{rank}.pt")
-    finally:
+    except BaseException:
         distributed.shutdown()
+        raise
+    distributed.shutdown(completed=True)
 
 
 class Probe(nn.Module):

@@ -73,8 +73,10 @@ def command(
             result = run_finetune(run, settings, eps=eps, options=options, delta=delta, method=method, arch=arch,
                                   device=device, resume=resume, checkpoint_every=checkpoint_every,
                                   progress=progress)
-        finally:
+        except BaseException:
             distributed.shutdown()
+            raise
+        distributed.shutdown(completed=True)
     if not follower:  # rank 0 reports for all ranks
         emit(result, json_out, f"finetune → {run}")
 

@@ -83,8 +83,14 @@ def init_from_env(device: str | None = None) -> bool:
     return active()
 
 
-def shutdown() -> None:
+def shutdown(*, completed: bool = False) -> None:
+    """Leave the process group. After a completed run every rank first waits at a barrier, so
+    that none tears its connections down while a peer's last collective is still in flight (gloo
+    aborts the peer with SIGABRT then); after a failure it leaves at once (a barrier would wait
+    for a rank that may be gone)."""
     if dist.is_available() and dist.is_initialized():
+        if completed and active():
+            dist.barrier()
         dist.destroy_process_group()
 
 
