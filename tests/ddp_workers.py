@@ -37,13 +37,9 @@ def _entry(rank: int, world: int, port: int, out: str, configs: list[dict]) -> N
     from dpsynth.training import distributed
 
     assert distributed.init_from_env("cpu") and distributed.world_size() == world
-    try:
+    with distributed.leaving_group_after():
         for config in configs:
             torch.save(run_config(config), Path(out) / f"{config['name']}-rank{rank}.pt")
-    except BaseException:
-        distributed.shutdown()
-        raise
-    distributed.shutdown(completed=True)
 
 
 class Probe(nn.Module):

@@ -69,14 +69,10 @@ def command(
                                   physical_batch_size=physical_batch_size, ema=ema,
                                   private_optimizer=private_optimizer, feedback_clip=feedback_clip,
                                   precision=precision, train_opts=train_opts, secure=secure)
-        try:
+        with distributed.leaving_group_after():
             result = run_finetune(run, settings, eps=eps, options=options, delta=delta, method=method, arch=arch,
                                   device=device, resume=resume, checkpoint_every=checkpoint_every,
                                   progress=progress)
-        except BaseException:
-            distributed.shutdown()
-            raise
-        distributed.shutdown(completed=True)
     if not follower:  # rank 0 reports for all ranks
         emit(result, json_out, f"finetune → {run}")
 

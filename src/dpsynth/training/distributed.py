@@ -40,6 +40,7 @@ or `dpsynth finetune --nproc N ...` (`launch_workers`).
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 from typing import Any, Sequence
@@ -92,6 +93,17 @@ def shutdown(*, completed: bool = False) -> None:
         if completed and active():
             dist.barrier()
         dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def leaving_group_after():
+    """Run the body, then leave the process group: through the barrier when it completed, at once when it raised."""
+    try:
+        yield
+    except BaseException:
+        shutdown()
+        raise
+    shutdown(completed=True)
 
 
 def active() -> bool:
