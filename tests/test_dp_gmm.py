@@ -71,6 +71,20 @@ def test_an_empty_set_releases_noise_of_the_stated_std(release):
     assert abs(float(raw.mean())) < 4 * sigma / math.sqrt(raw.numel())
 
 
+@pytest.mark.parametrize("release", [_raw_second, _raw_first])
+def test_chunked_float32_rows_release_what_one_float64_pass_does(release, monkeypatch):
+    """Rows are clipped and summed in float64 chunks (memory): chunks of 7 over float32 rows give the
+    release of one pass over the float64 rows, including a row clipped inside a later chunk."""
+    import dpsynth.mechanisms.moment_release as moment_release
+    gen = torch.Generator().manual_seed(1)
+    rows = torch.rand(40, 5, generator=gen) * 2
+    rows[33] *= 20
+    cells = torch.randint(0, 3, (40,), generator=gen)
+    whole = release(rows.double(), cells, 3, 1.2, 0.5, seed=9)
+    monkeypatch.setattr(moment_release, "CHUNK", 7)
+    torch.testing.assert_close(release(rows, cells, 3, 1.2, 0.5, seed=9), whole)
+
+
 def test_clip_rows_scales_down_only_the_rows_outside():
     rows = torch.tensor([[3.0, 4.0], [0.3, 0.4]], dtype=torch.float64)
     clipped = clip_rows(rows, 1.0)

@@ -12,7 +12,9 @@ pure noise, as the accounted mechanism must. The full D x D second-moment block 
 symmetrisation afterwards is post-processing).
 
 The blocks' noises are independent, so a second-moment release is produced one cell at a time
-(`second_moments` yields them): 80 cells of 784 x 784 never sit in memory together.
+(`second_moments` yields them): 80 cells of 784 x 784 never sit in memory together. Rows stay in
+the caller's dtype (float32 at CelebA's 162k x 3072 is 2 GB; a float64 copy of them all would be 4 GB
+more) and are clipped and summed in float64 `CHUNK` rows at a time.
 Noise comes from the global RNG, which the finetune stage reseeds from OS entropy.
 """
 
@@ -31,6 +33,14 @@ SECOND, FIRST = 0.8 * MARGIN, 0.55 * MARGIN
 COUNT = math.sqrt(1.0 - 0.8 ** 2 - 0.55 ** 2) * MARGIN
 # First-moment releases (no second moments): the sums, and the counts that divide them.
 FIRST_ONLY, COUNT_ONLY = 0.95 * MARGIN, math.sqrt(1.0 - 0.95 ** 2) * MARGIN
+CHUNK = 8192  # rows clipped in float64 at once (memory), whatever the rows' own dtype
+
+
+def _clipped_chunks(rows: torch.Tensor, bound: float) -> Iterator[tuple[slice, torch.Tensor]]:
+    """(where, rows[where] in float64 clipped to `bound`) over consecutive chunks of rows."""
+    for start in range(0, len(rows), CHUNK):
+        where = slice(start, start + CHUNK)
+        yield where, clip_rows(rows[where].double(), bound)
 
 
 def clip_rows(rows: torch.Tensor, bound: float) -> torch.Tensor:
@@ -71,8 +81,9 @@ def first_moments(rows: torch.Tensor, cells: torch.Tensor, num_cells: int, *, bo
                   noise_multiplier: float) -> FirstMoments:
     """One Gaussian release of every cell's [b x / bound, c] sum."""
     _check(rows, cells, num_cells)
-    x = clip_rows(rows.double(), bound)
-    sums = torch.zeros(num_cells, x.shape[1], dtype=torch.float64, device=x.device).index_add_(0, cells, x)
+    sums = torch.zeros(num_cells, rows.shape[1], dtype=torch.float64, device=rows.device)
+    for where, x in _clipped_chunks(rows, bound):
+        sums.index_add_(0, cells[where], x)
     counts = torch.bincount(cells, minlength=num_cells).double()
     noisy_sums = gaussian_release(FIRST_ONLY * sums / bound, noise_multiplier)
     noisy_counts = gaussian_release(COUNT_ONLY * counts, noise_multiplier)
@@ -84,11 +95,16 @@ def second_moments(rows: torch.Tensor, cells: torch.Tensor, num_cells: int, *, b
     """One Gaussian release of every cell's [a vec(x x^T) / bound^2, b x / bound, c] sum, one cell at
     a time (cell 0 first; every cell is released, empty or not)."""
     _check(rows, cells, num_cells)
-    x = clip_rows(rows.double(), bound)
+    dim = rows.shape[1]
     for cell in range(num_cells):
-        mine = x[cells == cell]
-        second = gaussian_release(SECOND * (mine.t() @ mine) / bound ** 2, noise_multiplier) * bound ** 2 / SECOND
-        first = gaussian_release(FIRST * mine.sum(0) / bound, noise_multiplier) * bound / FIRST
-        count = gaussian_release(torch.tensor(COUNT * len(mine), dtype=torch.float64, device=x.device),
+        mine = rows[cells == cell]
+        outer = torch.zeros(dim, dim, dtype=torch.float64, device=rows.device)
+        total = torch.zeros(dim, dtype=torch.float64, device=rows.device)
+        for _, x in _clipped_chunks(mine, bound):
+            outer.addmm_(x.t(), x)
+            total += x.sum(0)
+        second = gaussian_release(SECOND * outer / bound ** 2, noise_multiplier) * bound ** 2 / SECOND
+        first = gaussian_release(FIRST * total / bound, noise_multiplier) * bound / FIRST
+        count = gaussian_release(torch.tensor(COUNT * len(mine), dtype=torch.float64, device=rows.device),
                                  noise_multiplier) / COUNT
         yield CellMoments(cell=cell, second=(second + second.t()) / 2, first=first, count=float(count))

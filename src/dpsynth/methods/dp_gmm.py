@@ -113,7 +113,7 @@ def fit_mixture(generator: GaussianMixture, images, labels, *, noise_multiplier:
     events (`release_names`) to the ledger; everything after each release is post-processing."""
     sigma, releases = noise_multiplier, 2 + lloyd_iterations
     k, m, r = generator.cfg.num_classes, generator.cfg.components, generator.cfg.rank
-    x = flatten_images(images).to(device).double()
+    x = flatten_images(images).to(device)  # float32: the releases sum in float64 chunk by chunk
     y = labels.long().to(device)
     bound, centred_bound = clip * math.sqrt(x.shape[1]), centred_clip * math.sqrt(x.shape[1])
     x = clip_rows(x, bound)  # the releases clip too; assignments must see the same rows
@@ -133,7 +133,7 @@ def fit_mixture(generator: GaussianMixture, images, labels, *, noise_multiplier:
         for label in range(k):
             mine = y == label
             if mine.any():
-                nearest[mine] = torch.cdist(x[mine], centroids[label]).argmin(1)
+                nearest[mine] = torch.cdist(x[mine], centroids[label].float()).argmin(1)
         return y * m + nearest
 
     for step in range(lloyd_iterations):
@@ -144,7 +144,7 @@ def fit_mixture(generator: GaussianMixture, images, labels, *, noise_multiplier:
         progress(phase, 2 + step, releases)
 
     cells = assign()
-    centred = clip_rows(x - centroids.view(k * m, -1)[cells], centred_bound)
+    centred = clip_rows(x - centroids.view(k * m, -1).float()[cells], centred_bound)
     for cell in second_moments(centred, cells, k * m, bound=centred_bound, noise_multiplier=sigma):
         label, component = divmod(cell.cell, m)
         count = max(cell.count, 1.0)
