@@ -34,3 +34,11 @@ def test_an_unknown_key_is_refused_in_one_line(tmp_path, capsys):
     assert main(["--recipe", str(recipe), "finetune", "--eps", "1"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "epochz" in err and "--epochs" in err
+
+
+def test_invalid_yaml_is_refused_naming_its_line(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("description: a run\nfinetune:\n  epochs: 3\ndescription: probe: two colons\n")
+    with pytest.raises(BadInput, match=r"not valid YAML at line 4, column 19"):
+        load_recipe(recipe, {"finetune": {"epochs": "epochs"}})
+    assert recipe.read_text().startswith("description: a run")  # nothing changed on disk

@@ -25,7 +25,9 @@ def load_recipe(path: Path, commands: dict[str, dict[str, str]]) -> dict:
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
-        raise BadInput(f"recipe {path} is not valid YAML ({str(exc).splitlines()[0]})") from None
+        mark = getattr(exc, "problem_mark", None)  # where the parser gave up, 0-based
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise BadInput(f"recipe {path} is not valid YAML{where} ({str(exc).splitlines()[0]})") from None
     if not isinstance(data, dict):
         raise BadInput(f"recipe {path} must be a mapping of command name -> options")
     default_map = {}
