@@ -8,31 +8,36 @@ from a table by index), and saves them to OUT/<name>-rank<r>.pt for the test to 
 
 from __future__ import annotations
 
+import datetime
 import os
-import socket
 from pathlib import Path
 
 import torch
 from torch import nn
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def spawn(world: int, out: Path, configs: list[dict]) -> None:
-    """Run every config in `world` processes; raises if any process fails."""
-    import torch.multiprocessing as mp
+    """Run every config in `world` processes; raises if any process fails.
 
-    mp.start_processes(_entry, args=(world, free_port(), str(out), configs), nprocs=world, start_method="spawn",
-                       join=True)
+    The rendezvous store is hosted here, in the parent, as torchrun's agent hosts it: were rank 0
+    to host it, rank 0 could exit (taking the store's server down) while a peer still talks to it,
+    and gloo then aborts a rank with SIGABRT after a completed run ("terminate called without an
+    active exception", seen once in a full `make test`)."""
+    import torch.multiprocessing as mp
+    from torch.distributed import TCPStore
+
+    store = TCPStore("127.0.0.1", 0, None, True, datetime.timedelta(seconds=600), wait_for_workers=False)
+    try:
+        mp.start_processes(_entry, args=(world, store.port, str(out), configs), nprocs=world, start_method="spawn",
+                           join=True)
+    finally:
+        del store
 
 
 def _entry(rank: int, world: int, port: int, out: str, configs: list[dict]) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
-                      WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world), DPSYNTH_DIST_TIMEOUT="600")
+                      WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world), DPSYNTH_DIST_TIMEOUT="600",
+                      TORCHELASTIC_USE_AGENT_STORE="True")  # every rank a client of the parent's store
     torch.set_num_threads(1)
     from dpsynth.training import distributed
 
