@@ -20,9 +20,9 @@ def spawn(world: int, out: Path, configs: list[dict]) -> None:
     """Run every config in `world` processes; raises if any process fails.
 
     The rendezvous store is hosted here, in the parent, as torchrun's agent hosts it: were rank 0
-    to host it, rank 0 could exit (taking the store's server down) while a peer still talks to it,
-    and gloo then aborts a rank with SIGABRT after a completed run ("terminate called without an
-    active exception", seen once in a full `make test`)."""
+    to host it, rank 0 could exit (taking the store's server down) while a peer still talks to it.
+    The likely cause, not a proven one, of a SIGABRT once seen in rank 0 during a full `make test`
+    ("terminate called without an active exception"; isolated reruns passed)."""
     import torch.multiprocessing as mp
     from torch.distributed import TCPStore
 
