@@ -78,7 +78,9 @@ def run_select_public(run_path: str | Path, settings: DataSettings, *, sigma: fl
     # The event is written before the noisy histogram exists.
     with stage_run(run, STAGE, config, events=[event], started=started):
         noisy = add_gaussian_noise(hist, sigma, top_k)
-        flat = flat_rows(noisy, sigma, top_k)
+        # Bonferroni over the rows: at alpha 0.01 each, a pure-noise release of 10 rows would be judged
+        # flat everywhere only 90% of the time (0.99^10); at 0.01 / rows, at least 99%.
+        flat = flat_rows(noisy, sigma, top_k, alpha=0.01 / rows)
         if len(flat) == rows:
             # No public class fits better than chance: a "selection" would be noise. Pretrain on the whole
             # public set instead (labels folded onto the sensitive classes, as pretraining without selection).
