@@ -19,10 +19,9 @@ from torch import nn
 def spawn(world: int, out: Path, configs: list[dict]) -> None:
     """Run every config in `world` processes; raises if any process fails.
 
-    The rendezvous store is hosted here, in the parent, as torchrun's agent hosts it: were rank 0
-    to host it, rank 0 could exit (taking the store's server down) while a peer still talks to it.
-    The likely cause, not a proven one, of a SIGABRT once seen in rank 0 during a full `make test`
-    ("terminate called without an active exception"; isolated reruns passed)."""
+    The rendezvous store is hosted here, in the parent, as torchrun's agent hosts it. (That was
+    once guessed to be the cause of a rank's SIGABRT at exit; it was not: see
+    `distributed.shutdown`, which fixed it.)"""
     import torch.multiprocessing as mp
     from torch.distributed import TCPStore
 

@@ -43,6 +43,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
+import time
 from typing import Any, Sequence
 
 import torch
@@ -53,6 +54,7 @@ from ..errors import BadInput
 
 TIMEOUT_ENV = "DPSYNTH_DIST_TIMEOUT"    # seconds a rank waits in a collective before failing (default 1800)
 BACKEND_ENV = "DPSYNTH_DIST_BACKEND"    # gloo or nccl (default: nccl when every local rank has its own GPU)
+_GLOO_DRAIN_S = 0.2                     # see shutdown(): time for gloo threads to let go of finished work
 
 
 # ---- the process group ---------------------------------------------------------------------------
@@ -93,6 +95,11 @@ def shutdown(*, completed: bool = False) -> None:
         if completed and active():
             dist.barrier()
         dist.destroy_process_group()
+        # A gloo worker thread can still be releasing the tensors of a finished collective,
+        # which takes the GIL. Let it now: a thread that asks for the GIL once the interpreter
+        # finalizes is killed inside a C++ destructor, and the whole rank dies with SIGABRT
+        # ("terminate called without an active exception") after a run that succeeded.
+        time.sleep(_GLOO_DRAIN_S)
 
 
 @contextlib.contextmanager
