@@ -19,9 +19,9 @@ from torch import nn
 def spawn(world: int, out: Path, configs: list[dict]) -> None:
     """Run every config in `world` processes; raises if any process fails.
 
-    The rendezvous store is hosted here, in the parent, as torchrun's agent hosts it. (That was
-    once guessed to be the cause of a rank's SIGABRT at exit; it was not: see
-    `distributed.shutdown`, which fixed it.)"""
+    The rendezvous store is hosted here, in the parent, as torchrun's agent hosts it: its port is
+    bound from the moment it is chosen, so no other process can take it before the ranks meet.
+    (It was once guessed to cure a rank's SIGABRT at exit; it did not: `distributed.shutdown` did.)"""
     import torch.multiprocessing as mp
     from torch.distributed import TCPStore
 
