@@ -38,12 +38,14 @@ bench: install
 
 # Every registered method's small recipe at eps 1 and 10 beside DPImageBench's published rows, one
 # protocol for all (DP-safe selection, the CNN); it resumes, so it can be run in parts (LEADERBOARD_ARGS,
-# e.g. --methods dp-merf,dp-ntk). The table goes to docs/leaderboard.md.
+# e.g. --methods dp-merf,dp-ntk). The measured rows are committed (docs/leaderboard-rows.json), so it
+# skips them: LEADERBOARD_ARGS=--fresh reruns them. The table goes to docs/leaderboard.md (its notes kept).
 LEADERBOARD_ARGS ?=
 bench-leaderboard: install
-	$(PY) benchmarks/leaderboard.py --dpsynth $(abspath $(DPSYNTH)) --out docs/leaderboard.md $(LEADERBOARD_ARGS)
+	$(PY) benchmarks/leaderboard.py --dpsynth $(abspath $(DPSYNTH)) --rows docs/leaderboard-rows.json \
+		--out docs/leaderboard.md $(LEADERBOARD_ARGS)
 
-# The GAN and mean-embedding rows only (about 20 minutes on an idle 2-core machine).
+# The GAN and mean-embedding rows only (about 13 minutes on an idle 2-core machine, 2026-12-05).
 bench-small: install
 	$(PY) benchmarks/leaderboard.py --dpsynth $(abspath $(DPSYNTH)) --methods dp-merf,dp-ntk,dp-kernel,dp-gan,gs-wgan,efsgd-gan
 

@@ -134,6 +134,7 @@ def leaderboard_row(method: str, eps: float, tier: str, recipe: Path | None, ove
                     seconds, peak, rc: int, args) -> dict:
     published = PUBLISHED_ACCURACY.get(method, (None, None))
     row = {"method": method, "eps_target": eps, "tier": tier, "protocol": args.protocol,
+           "measured_on": time.strftime("%Y-%m-%d"),
            "recipe": (str(recipe.relative_to(ROOT) if recipe.is_relative_to(ROOT) else recipe)
                       + "".join(f" ({stage} {' '.join(flags)})" for stage, flags in overrides.items()))
            if recipe else None,
@@ -162,8 +163,8 @@ def save_rows(path: Path, rows: list[dict]) -> None:
     tmp.replace(path)  # a killed benchmark never leaves a half-written rows file
 
 
-COLUMNS = ("method", "eps_target", "eps_spent", "accuracy", "published_acc", "classifiers", "combined",
-           "protocol", "fid", "fid_kind", "wall_s", "peak_mb", "within_budget", "status", "recipe")
+COLUMNS = ("method", "tier", "eps_target", "eps_spent", "accuracy", "published_acc", "classifiers", "combined",
+           "protocol", "fid", "fid_kind", "wall_s", "peak_mb", "within_budget", "status", "measured_on", "recipe")
 
 
 def table(rows: list[dict]) -> pd.DataFrame:
@@ -171,7 +172,7 @@ def table(rows: list[dict]) -> pd.DataFrame:
     for column in COLUMNS:
         if column not in frame:
             frame[column] = None
-    return frame.sort_values(["eps_target", "method"])[list(COLUMNS)].reset_index(drop=True)
+    return frame.sort_values(["tier", "eps_target", "method"])[list(COLUMNS)].reset_index(drop=True)
 
 
 def markdown(frame: pd.DataFrame, command: str) -> str:
@@ -183,6 +184,16 @@ def markdown(frame: pd.DataFrame, command: str) -> str:
     for _, row in frame.iterrows():
         lines.append("| " + " | ".join("" if pd.isna(v) else str(v) for v in row.tolist()) + " |")
     return "\n".join(lines) + "\n"
+
+
+NOTES_MARKER = "<!-- notes: kept when the table above is rebuilt -->"
+
+
+def kept_notes(out: Path) -> str:
+    """The hand-written part of an existing --out file (from NOTES_MARKER on), so a rebuild of the table
+    keeps the notes on rows measured by other means."""
+    text = out.read_text() if out.is_file() else ""
+    return "\n" + text[text.index(NOTES_MARKER):] if NOTES_MARKER in text else ""
 
 
 def main(argv: list[str] | None = None) -> pd.DataFrame:
@@ -226,7 +237,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
         print(frame.drop(columns=["recipe"]).to_string(index=False))
     if args.out:
         command = "python benchmarks/leaderboard.py " + " ".join(argv if argv is not None else sys.argv[1:])
-        args.out.write_text(markdown(frame, command.strip()))
+        args.out.write_text(markdown(frame, command.strip()) + kept_notes(args.out))
     return frame
 
 

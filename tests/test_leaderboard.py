@@ -40,6 +40,8 @@ def test_rows_resume_and_one_protocol(tmp_path, capsys):
     first = board.main(["--methods", "dp-merf,dp-gan", *common])  # a first part of the board
     stored = json.loads((runs / "rows.json").read_text())
     capsys.readouterr()
+    with (tmp_path / "board.md").open("a") as notes:  # hand-written notes below the table survive a rebuild
+        notes.write(f"\n{board.NOTES_MARKER}\nrows measured by other means\n")
     # The second part: the stored dp-merf row is skipped, dp-ntk runs; --fresh would rerun them all.
     frame = board.main(["--methods", "dp-merf,dp-ntk,dp-gan", *common])
     err = capsys.readouterr().err
@@ -59,4 +61,5 @@ def test_rows_resume_and_one_protocol(tmp_path, capsys):
         assert row["published_acc"] == board.PUBLISHED_ACCURACY[method][1]
     assert list(frame.columns) == list(board.COLUMNS) and len(frame) == 3
     board_md = (tmp_path / "board.md").read_text()
-    assert "| dp-merf | 10 |" in board_md and "| dp-ntk | 10 |" in board_md and "not DP" in board_md
+    assert "| dp-merf | small | 10 |" in board_md and "| dp-ntk | small | 10 |" in board_md and "not DP" in board_md
+    assert board_md.count(board.NOTES_MARKER) == 1 and board_md.endswith("rows measured by other means\n")
