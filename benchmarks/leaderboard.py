@@ -177,7 +177,8 @@ def table(rows: list[dict]) -> pd.DataFrame:
 
 def markdown(frame: pd.DataFrame, command: str) -> str:
     lines = ["# Leaderboard: Fashion-MNIST, every registered method", "",
-             f"Made by `{command}` (one run per row, rows possibly measured in parts; see each row's wall time).",
+             f"Written from the stored rows by `{command}`; each row is one run of this script, rows possibly "
+             "measured in parts (see each row's `measured_on` and wall time).",
              f"`published_acc`: {PUBLISHED_NOTE}. `accuracy`: this row's protocol and classifiers; `fid_kind` "
              "says which network the FID is on (domain-feature FID is not comparable to published Inception FID).",
              "", "| " + " | ".join(frame.columns) + " |", "|" + "---|" * len(frame.columns)]
