@@ -187,6 +187,23 @@ def markdown(frame: pd.DataFrame, command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+MACHINE_OPTIONS = ("--dpsynth", "--runs")  # where this machine keeps things: they do not change a row
+
+
+def shown_options(argv: list[str]) -> list[str]:
+    """The invocation's options without the machine-local ones, so the table's header is a command that
+    another checkout can run as it stands."""
+    shown, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg in MACHINE_OPTIONS:
+            skip = True
+        elif not arg.startswith(tuple(f"{option}=" for option in MACHINE_OPTIONS)):
+            shown.append(arg)
+    return shown
+
+
 NOTES_MARKER = "<!-- notes: kept when the table above is rebuilt -->"
 
 
@@ -237,7 +254,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     with pd.option_context("display.width", 250, "display.max_columns", 30, "display.max_colwidth", 60):
         print(frame.drop(columns=["recipe"]).to_string(index=False))
     if args.out:
-        command = "python benchmarks/leaderboard.py " + " ".join(argv if argv is not None else sys.argv[1:])
+        command = "python benchmarks/leaderboard.py " + " ".join(shown_options(argv if argv is not None else sys.argv[1:]))
         args.out.write_text(markdown(frame, command.strip()) + kept_notes(args.out))
     return frame
 

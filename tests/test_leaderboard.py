@@ -63,3 +63,6 @@ def test_rows_resume_and_one_protocol(tmp_path, capsys):
     board_md = (tmp_path / "board.md").read_text()
     assert "| dp-merf | small | 10 |" in board_md and "| dp-ntk | small | 10 |" in board_md and "not DP" in board_md
     assert board_md.count(board.NOTES_MARKER) == 1 and board_md.endswith("rows measured by other means\n")
+    # The header's command reproduces the table elsewhere: this machine's --runs and --dpsynth are left out.
+    assert "--methods dp-merf,dp-ntk,dp-gan --eps 10" in board_md and str(runs) not in board_md
+    assert "--dpsynth" not in board_md and sys.executable not in board_md
