@@ -254,7 +254,8 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     with pd.option_context("display.width", 250, "display.max_columns", 30, "display.max_colwidth", 60):
         print(frame.drop(columns=["recipe"]).to_string(index=False))
     if args.out:
-        command = "python benchmarks/leaderboard.py " + " ".join(shown_options(argv if argv is not None else sys.argv[1:]))
+        shown = shown_options(argv if argv is not None else sys.argv[1:])
+        command = "python benchmarks/leaderboard.py " + " ".join(shown)
         args.out.write_text(markdown(frame, command.strip()) + kept_notes(args.out))
     return frame
 
