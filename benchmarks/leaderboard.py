@@ -192,14 +192,16 @@ MACHINE_OPTIONS = ("--dpsynth", "--runs")  # where this machine keeps things: th
 
 def shown_options(argv: list[str]) -> list[str]:
     """The invocation's options without the machine-local ones, so the table's header is a command that
-    another checkout can run as it stands."""
+    another checkout can run as it stands. argparse takes abbreviations (`--run R`), so a prefix counts too."""
     shown, skip = [], False
     for arg in argv:
+        name, has_value = arg.split("=", 1)[0], "=" in arg
+        machine_local = len(name) > 2 and name.startswith("--") and any(o.startswith(name) for o in MACHINE_OPTIONS)
         if skip:
             skip = False
-        elif arg in MACHINE_OPTIONS:
-            skip = True
-        elif not arg.startswith(tuple(f"{option}=" for option in MACHINE_OPTIONS)):
+        elif machine_local:
+            skip = not has_value
+        else:
             shown.append(arg)
     return shown
 
