@@ -20,10 +20,13 @@ import time
 
 
 def reference_rows(dataset: str, sizes: list[int], classifier: str, epochs: int, seed: int) -> list[dict]:
+    from dpsynth.data.common import has_disjoint_test
     from dpsynth.data.registry import load_dataset
     from dpsynth.evaluation.selection import DP_SAFE
     from dpsynth.evaluation.utility import evaluate_protocols
 
+    if not has_disjoint_test(dataset):  # its 'test' would be the training images: no reference at all
+        raise ValueError(f"dataset {dataset!r} has no test split disjoint from its training split")
     test = load_dataset(dataset, "test")
     rows = []
     for size in sizes:
@@ -56,7 +59,10 @@ def main() -> None:
         parser.error(f"--sizes {args.sizes!r}: expected comma-separated positive integers")
     if not sizes or min(sizes) <= 0:
         parser.error(f"--sizes {args.sizes!r}: expected comma-separated positive integers")
-    rows = reference_rows(args.dataset, sizes, args.classifier, args.epochs, args.seed)
+    try:
+        rows = reference_rows(args.dataset, sizes, args.classifier, args.epochs, args.seed)
+    except ValueError as exc:
+        parser.error(f"--dataset: {exc}")
     if args.json:
         print(json.dumps(rows, indent=2))
         return
