@@ -2,21 +2,16 @@
 with its protocol and classifiers, FID with its network's kind, time and memory, the published row), one
 evaluation protocol imposed on every row, and resuming (stored rows are skipped, --fresh reruns them)."""
 
-import importlib.util
 import json
 import sys
 from pathlib import Path
 
 import yaml
-
-ROOT = Path(__file__).resolve().parent.parent
+from benchmark_helpers import load_benchmark
 
 
 def load_leaderboard():
-    spec = importlib.util.spec_from_file_location("leaderboard", ROOT / "benchmarks" / "leaderboard.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("leaderboard")
 
 
 def tiny_recipe(folder: Path, method: str, train_opts: dict) -> None:

@@ -1,19 +1,12 @@
 """benchmarks/real_data_reference.py: the evaluate stage's classifier on real training images, tested on the
 real test split; a dataset whose test split is its training split is refused."""
 
-import importlib.util
-from pathlib import Path
-
 import pytest
-
-ROOT = Path(__file__).resolve().parent.parent
+from benchmark_helpers import load_benchmark
 
 
 def load_reference():
-    spec = importlib.util.spec_from_file_location("real_data_reference", ROOT / "benchmarks" / "real_data_reference.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("real_data_reference")
 
 
 def test_a_row_per_size_with_the_selection_split_held_out():
