@@ -31,10 +31,10 @@ def reference_rows(dataset: str, sizes: list[int], classifier: str, epochs: int,
     rows = []
     for size in sizes:
         train = load_dataset(dataset, "train", limit=size, seed=seed)
-        num_classes = int(train.labels.max()) + 1
         start = time.perf_counter()
-        result = evaluate_protocols(train.images, train.labels, lambda: (test.images, test.labels), num_classes,
-                                    protocols=(DP_SAFE,), classifiers=(classifier,), epochs=epochs, seed=seed)
+        result = evaluate_protocols(train.images, train.labels, lambda: (test.images, test.labels),
+                                    train.num_classes, protocols=(DP_SAFE,), classifiers=(classifier,),
+                                    epochs=epochs, seed=seed)
         outcome = result[DP_SAFE]
         rows.append({"dataset": dataset, "real_images": int(train.images.shape[0]), "classifier": classifier,
                      "epochs": epochs, "train_size": outcome.train_size,
@@ -56,7 +56,7 @@ def main() -> None:
     try:
         sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
     except ValueError:
-        parser.error(f"--sizes {args.sizes!r}: expected comma-separated positive integers")
+        sizes = []
     if not sizes or min(sizes) <= 0:
         parser.error(f"--sizes {args.sizes!r}: expected comma-separated positive integers")
     try:

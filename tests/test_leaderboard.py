@@ -10,10 +10,6 @@ import yaml
 from benchmark_helpers import load_benchmark
 
 
-def load_leaderboard():
-    return load_benchmark("leaderboard")
-
-
 def tiny_recipe(folder: Path, method: str, train_opts: dict) -> None:
     data = {"sensitive": "fashionmnist", "resolution": 8, "limit": 600, "public-size": 600}
     recipe = {"select-public": {"method": method, **data}, "pretrain": {"method": method, **data},
@@ -26,7 +22,7 @@ def tiny_recipe(folder: Path, method: str, train_opts: dict) -> None:
 
 
 def test_rows_resume_and_one_protocol(tmp_path, capsys):
-    board = load_leaderboard()
+    board = load_benchmark("leaderboard")
     recipes, runs = tmp_path / "recipes", tmp_path / "runs"
     tiny_recipe(recipes, "dp-merf", {"features": 200})
     tiny_recipe(recipes, "dp-ntk", {})

@@ -5,12 +5,8 @@ import pytest
 from benchmark_helpers import load_benchmark
 
 
-def load_reference():
-    return load_benchmark("real_data_reference")
-
-
 def test_a_row_per_size_with_the_selection_split_held_out():
-    (row,) = load_reference().reference_rows("fashionmnist", [600], "cnn", epochs=1, seed=0)
+    (row,) = load_benchmark("real_data_reference").reference_rows("fashionmnist", [600], "cnn", epochs=1, seed=0)
     assert row["real_images"] == 600
     assert row["train_size"] == 550  # 1/12 held out for DP-safe selection, as evaluate does
     assert row["selected_epoch"] == 1
@@ -19,4 +15,4 @@ def test_a_row_per_size_with_the_selection_split_held_out():
 
 def test_a_dataset_without_a_disjoint_test_split_is_refused():
     with pytest.raises(ValueError, match="digits"):
-        load_reference().reference_rows("digits", [100], "cnn", epochs=1, seed=0)
+        load_benchmark("real_data_reference").reference_rows("digits", [100], "cnn", epochs=1, seed=0)
