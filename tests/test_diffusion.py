@@ -195,3 +195,20 @@ def test_every_diffusion_method_runs_all_stages_through_the_cli(tmp_path, method
     synthetic = np.load(tmp_path / "run" / "synthetic.npz")
     assert synthetic["images"].shape == (120, 1, 8, 8)
     assert manifest["stages"]["generate"]["config"]["weights"] == "ema"
+
+
+def test_attention_sampling_path_matches_the_training_path():
+    """Sampling (no grad) uses torch's fused attention; training writes the weights out.
+    Both must compute the same network."""
+    from dpsynth.models.unet import SelfAttention
+    torch.manual_seed(0)
+    attn = SelfAttention(8)
+    for p in attn.parameters():  # the zero-initialised projection would hide the attention
+        torch.nn.init.normal_(p, std=0.3)
+    x = torch.randn(5, 8, 6, 6)
+    with torch.no_grad():
+        fused = attn(x)
+    explicit = attn(x)
+    assert explicit.requires_grad and not fused.requires_grad
+    torch.testing.assert_close(fused, explicit.detach(), rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(fused, x / math.sqrt(2.0), atol=1e-3)  # the attention term is not zero
